@@ -1,0 +1,19 @@
+"""GPT-2 small exactly (Radford et al. 2019): 124,439,808 parameters with the tied head."""
+
+from lmjax.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.name = "gpt2_124m"
+    m = c.model
+    m.num_layers = 12  # 12 blocks
+    m.embed_dim = 768  # d = 768
+    m.num_heads = 12  # head_dim 64
+    m.num_kv_heads = 12  # MHA
+    m.vocab_size = 50257  # GPT-2's BPE vocabulary size (must be >= the tokenizer's)
+    m.max_len = 1024  # GPT-2 context
+    c.data.seq_len = 1024  # train on the full context
+    # Defaults already match GPT-2: learned positions, gelu_tanh, LayerNorm with biases, tied head,
+    # mlp_ratio 4, init_std 0.02.
+    return c

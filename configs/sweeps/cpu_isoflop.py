@@ -1,0 +1,35 @@
+"""Chinchilla approach 2 on a laptop: 3 compute budgets x 5 model sizes on the embedded pystdlib corpus.
+
+`python -m launch.sweep --sweep=configs/sweeps/cpu_isoflop.py --backend=local` then
+`python -m launch.analyze --sweep_dir=runs/cpu_isoflop`. Sized for about 30 minutes on 2 CPU cores
+(a demo, not a test). Budgets count C = 6 N D with non-embedding N; for models this small the
+LM head (d x 1024) costs as much again, so the real FLOPs are about twice the budget.
+Each budget's sizes bracket its expected optimum (about 20 tokens per parameter) by ~4x either way.
+"""
+
+from lmjax.scaling import sweeps
+
+BASE = "configs/gpt_small.py"
+COMMON = {
+    "data.vocab_size": 1024,  # small vocabulary: a cheap LM head for tiny models
+    "data.seq_len": 128,
+    "train.batch_size": 16,  # 2,048 tokens per step
+    "train.log_every": 50,
+    "optim.lr": 2e-3,  # tiny models train well at a high peak lr
+    "eval.steps": 10,
+    "eval.every_steps": 1_000_000,  # evaluate once, at the end
+    "eval.num_samples": 0,
+    "checkpoint.every_steps": 500,
+}
+BUDGETS = (1e11, 3e11, 1e12)
+SIZES = {
+    1e11: (12e3, 25e3, 50e3, 100e3, 200e3),
+    3e11: (25e3, 50e3, 100e3, 200e3, 400e3),
+    1e12: (50e3, 100e3, 200e3, 400e3, 800e3),
+}
+
+
+def get_sweep() -> sweeps.Sweep:
+    base = sweeps.load_config(BASE, COMMON)
+    runs = sweeps.isoflop(base, BUDGETS, SIZES, aspect_ratio=32, head_dim=8, min_steps=20)
+    return sweeps.Sweep("cpu_isoflop", BASE, runs, COMMON)

@@ -1,0 +1,22 @@
+"""Two tiny runs of a few steps each: the local launcher's end-to-end test, not a scaling study."""
+
+from lmjax.scaling import sweeps
+
+BASE = "configs/gpt_small.py"
+COMMON = {
+    "data.tokenizer": "byte",  # no tokenizer to train
+    "data.seq_len": 32,
+    "model.max_len": 32,
+    "train.batch_size": 4,
+    "train.log_every": 2,
+    "eval.steps": 1,
+    "eval.every_steps": 1000,  # evaluate once, at the end
+    "eval.num_samples": 0,
+    "checkpoint.every_steps": 2,
+}
+
+
+def get_sweep() -> sweeps.Sweep:
+    base = sweeps.load_config(BASE, COMMON)
+    runs = sweeps.kaplan(base, sizes=[12e3, 40e3], tokens=4 * 4 * 32, aspect_ratio=16, head_dim=16, min_steps=2)
+    return sweeps.Sweep("tiny_test", BASE, runs, COMMON)

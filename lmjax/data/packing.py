@@ -1,0 +1,120 @@
+"""Packing: a tokenized split (documents, each ending in EOS) -> fixed-length training rows.
+
+Both packers index rows by number, so a row is a pure function of its index: the pipeline only
+has to decide the order of row indices (see pipeline.py), and resuming is exact.
+
+  concat    the documents as one EOS-joined stream cut into windows of seq_len + 1 tokens with
+            stride seq_len (inputs = window[:-1], targets = window[1:]): every token is an input once
+            and a target once, and the last row is padded with weight 0. segment_ids are all 1 and
+            positions 0..L-1: attention crosses document boundaries, as in GPT-2/nanoGPT.
+  segments  whole documents packed into rows by first-fit-decreasing bin packing; a document longer
+            than a row is cut into row-sized chunks first. Each chunk is one segment with its own
+            segment_id (1, 2, ...) and positions restarting at 0; padding has segment_id 0 and
+            weight 0, so with a segment-aware attention mask no token sees another document.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PACKINGS = ("concat", "segments")
+
+
+class ConcatPacker:
+    def __init__(self, tokens: np.ndarray, seq_len: int, pad_id: int):
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.pad_id = max(pad_id, 0)
+        n = len(tokens)
+        self.num_rows = -(-(n - 1) // seq_len) if n >= 2 else 0
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        L, n = self.seq_len, len(self.tokens)
+        idx = np.asarray(indices, np.int64)[:, None] * L + np.arange(L + 1)
+        valid = idx < n
+        window = np.where(valid, self.tokens[np.minimum(idx, n - 1)], self.pad_id).astype(np.int32)
+        rows = len(indices)
+        return {
+            "inputs": window[:, :-1],
+            "targets": window[:, 1:],
+            "weights": valid[:, 1:].astype(np.float32),
+            "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (rows, L)).copy(),
+            "segment_ids": np.ones((rows, L), np.int32),
+        }
+
+
+def first_fit_decreasing(sizes: np.ndarray, capacity: int) -> np.ndarray:
+    """Bin index of each item (sizes <= capacity), packing the largest items first into the
+    first bin with room. Full-size items get a bin each without a search."""
+    order = np.argsort(-sizes, kind="stable")
+    bin_of = np.empty(len(sizes), np.int64)
+    full = order[sizes[order] == capacity]
+    bin_of[full] = np.arange(len(full))
+    free = np.zeros(max(len(sizes), 1), np.int64)  # room left in bins opened after the full ones
+    opened = 0
+    for item in order[len(full) :]:
+        fits = np.flatnonzero(free[:opened] >= sizes[item])
+        if len(fits):
+            b = fits[0]
+        else:
+            b, opened = opened, opened + 1
+            free[b] = capacity
+        free[b] -= sizes[item]
+        bin_of[item] = len(full) + b
+    return bin_of
+
+
+class SegmentPacker:
+    def __init__(self, tokens: np.ndarray, doc_ends: np.ndarray, seq_len: int, pad_id: int):
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.pad_id = max(pad_id, 0)
+        L = seq_len
+        starts = np.concatenate([[0], doc_ends[:-1]]).astype(np.int64)
+        lengths = doc_ends.astype(np.int64) - starts
+        # Cut each document into chunks of at most L + 1 tokens overlapping by one, so every
+        # token is a target once; a chunk of n tokens fills n - 1 positions of a row.
+        nchunks = np.where(lengths >= 2, -(-(lengths - 1) // L), 0)
+        doc = np.repeat(np.arange(len(lengths)), nchunks)
+        first = np.cumsum(nchunks) - nchunks
+        j = np.arange(len(doc)) - np.repeat(first, nchunks)
+        chunk_start = starts[doc] + j * L
+        chunk_len = np.minimum(L + 1, lengths[doc] - j * L)
+        row = first_fit_decreasing(chunk_len - 1, L)
+        order = np.lexsort((np.arange(len(row)), row))
+        self.seg_row, self.seg_start, self.seg_len = row[order], chunk_start[order], chunk_len[order]
+        self.seg_doc = doc[order]
+        self.num_rows = int(row.max()) + 1 if len(row) else 0
+        self.row_ptr = np.searchsorted(self.seg_row, np.arange(self.num_rows + 1))
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        L, rows = self.seq_len, len(indices)
+        out = {
+            "inputs": np.full((rows, L), self.pad_id, np.int32),
+            "targets": np.full((rows, L), self.pad_id, np.int32),
+            "weights": np.zeros((rows, L), np.float32),
+            "positions": np.zeros((rows, L), np.int32),
+            "segment_ids": np.zeros((rows, L), np.int32),
+        }
+        for i, r in enumerate(indices):
+            pos = 0
+            for k in range(self.row_ptr[r], self.row_ptr[r + 1]):
+                s, n = self.seg_start[k], self.seg_len[k] - 1
+                out["inputs"][i, pos : pos + n] = self.tokens[s : s + n]
+                out["targets"][i, pos : pos + n] = self.tokens[s + 1 : s + n + 1]
+                out["weights"][i, pos : pos + n] = 1.0
+                out["positions"][i, pos : pos + n] = np.arange(n)
+                out["segment_ids"][i, pos : pos + n] = k - self.row_ptr[r] + 1
+                pos += n
+        return out
+
+
+def make_packer(packing: str, tokens: np.ndarray, doc_ends: np.ndarray, seq_len: int, pad_id: int):
+    """A packer with `num_rows` and `rows(indices) -> batch dict` over the tokenized split."""
+    if seq_len < 1:
+        raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+    if packing == "concat":
+        return ConcatPacker(tokens, seq_len, pad_id)
+    if packing == "segments":
+        return SegmentPacker(tokens, doc_ends, seq_len, pad_id)
+    raise ValueError(f"unknown data.packing {packing!r}: expected one of {PACKINGS}")

@@ -1,0 +1,308 @@
+"""Where documents come from: `config.data.source` -> the documents of one split.
+
+Source kinds:
+  pystdlib          the running interpreter's standard library `*.py` files (no download, ~12 MB).
+  text:<glob>       local `.txt` files (one document per file, or per blank-line block) and `.jsonl`
+                    files (one document per line, field `text_key`).
+  tfds:<name>[/<config>]  a TensorFlow Datasets text dataset read through `tfds.data_source`
+                    (ArrayRecord; no TensorFlow needed).
+  prepared:<dir>    the output of `python -m lmjax.data.prepare` (cleaned train/validation jsonl).
+
+Every split has a `fingerprint` (a content hash, or the dataset identity for tfds) so that caches
+keyed by it (tokenizers, token arrays) are invalidated when the text changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from typing import Callable, Sequence
+
+SPLITS = ("train", "validation")
+PYSTDLIB_EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+)
+
+
+@dataclasses.dataclass
+class Split:
+    """The documents of one split of a source, loaded on demand."""
+
+    source: str
+    split: str
+    fingerprint: str
+    load: Callable[[], list[str]]
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def documents(self) -> list[str]:
+        return self.load()
+
+
+def stable_fraction(key: str) -> float:
+    """A number in [0, 1) that depends only on `key`: the same on every run and machine
+    (unlike Python's salted `hash`)."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def in_validation(key: str, val_fraction: float) -> bool:
+    return stable_fraction(key) < val_fraction
+
+
+def content_fingerprint(docs: Sequence[str], *extra: str) -> str:
+    h = hashlib.sha256()
+    for part in extra:
+        h.update(part.encode("utf-8") + b"\0")
+    for doc in docs:
+        data = doc.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:16]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# pystdlib
+
+
+def pystdlib_root() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def pystdlib_files() -> list[str]:
+    """Relative paths of the stdlib's `*.py` files (test folders and installed packages excluded),
+    sorted so the listing is stable."""
+    root = pystdlib_root()
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in PYSTDLIB_EXCLUDED_DIRS)
+        for name in filenames:
+            if name.endswith(".py"):
+                out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(out)
+
+
+def pystdlib_split_files(split: str, val_fraction: float) -> list[str]:
+    _check_split(split)
+    want_val = split == "validation"
+    return [f for f in pystdlib_files() if in_validation(f, val_fraction) == want_val]
+
+
+def describe_pystdlib() -> dict:
+    """The interpreter whose stdlib is the corpus: its contents (and so every figure derived from
+    it) depend on this version."""
+    return {
+        "python_version": sys.version.split()[0],
+        "implementation": sys.implementation.name,
+        "stdlib": pystdlib_root(),
+    }
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace")
+
+
+def _pystdlib_split(data_cfg, split: str) -> Split:
+    root = pystdlib_root()
+    files = pystdlib_split_files(split, data_cfg.val_fraction)
+    docs = [_read_text(os.path.join(root, f)) for f in files]
+    info = dict(describe_pystdlib(), files=len(files))
+    fp = content_fingerprint(docs, "pystdlib", split, *files)
+    return Split("pystdlib", split, fp, lambda: docs, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# text:<glob>
+
+
+def _text_files(pattern: str) -> list[str]:
+    pattern = os.path.expanduser(pattern)
+    if not glob.has_magic(pattern):
+        if not os.path.isfile(pattern):
+            raise FileNotFoundError(f"data.source text file not found: {pattern!r}")
+        return [pattern]
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise FileNotFoundError(f"data.source glob {pattern!r} matched no files")
+    return paths
+
+
+def _file_documents(path: str, data_cfg) -> list[str]:
+    if path.endswith(".jsonl"):
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if data_cfg.text_key not in record:
+                    raise ValueError(
+                        f"{path}:{lineno} has no field data.text_key={data_cfg.text_key!r} "
+                        f"(fields: {sorted(record)})"
+                    )
+                docs.append(record[data_cfg.text_key])
+        return docs
+    text = _read_text(path)
+    if data_cfg.doc_split == "file":
+        return [text]
+    if data_cfg.doc_split == "blank_line":
+        blocks = [b.strip("\n") for b in text.split("\n\n")]
+        return [b for b in blocks if b.strip()]
+    raise ValueError(f"data.doc_split must be 'file' or 'blank_line', got {data_cfg.doc_split!r}")
+
+
+def tail_split(docs: list[str], split: str, val_fraction: float) -> list[str]:
+    """nanoGPT's split: the last `val_fraction` of the characters are validation (a document
+    straddling the cut is cut in two)."""
+    total = sum(len(d) for d in docs)
+    cut = int(total * (1.0 - val_fraction))
+    train, val, seen = [], [], 0
+    for d in docs:
+        if seen + len(d) <= cut:
+            train.append(d)
+        elif seen >= cut:
+            val.append(d)
+        else:
+            train.append(d[: cut - seen])
+            val.append(d[cut - seen :])
+        seen += len(d)
+    return [d for d in (train if split == "train" else val) if d]
+
+
+def _text_split(data_cfg, split: str, pattern: str, source: str) -> Split:
+    paths = _text_files(pattern)
+    common = os.path.commonpath([os.path.abspath(p) for p in paths])
+    if len(paths) == 1:
+        common = os.path.dirname(common)
+    keyed = []  # (stable key, document)
+    for path in paths:
+        rel = os.path.relpath(os.path.abspath(path), common)
+        keyed.extend((f"{rel}#{i}", d) for i, d in enumerate(_file_documents(path, data_cfg)))
+    if data_cfg.text_split == "tail":
+        docs = tail_split([d for _, d in keyed], split, data_cfg.val_fraction)
+    elif data_cfg.text_split == "hash":
+        want_val = split == "validation"
+        docs = [d for k, d in keyed if in_validation(k, data_cfg.val_fraction) == want_val]
+    else:
+        raise ValueError(f"data.text_split must be 'hash' or 'tail', got {data_cfg.text_split!r}")
+    info = {"files": len(paths)}
+    fp = content_fingerprint(docs, source, split, data_cfg.text_split, str(data_cfg.val_fraction))
+    return Split(source, split, fp, lambda: docs, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepared:<dir>
+
+
+def prepared_path(directory: str, split: str) -> str:
+    return os.path.join(directory, f"{split}.jsonl")
+
+
+def _prepared_split(data_cfg, split: str, directory: str, source: str) -> Split:
+    path = prepared_path(os.path.expanduser(directory), split)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"data.source {source!r}: {path} not found (write it with python -m lmjax.data.prepare)"
+        )
+    with open(path, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f if line.strip()]
+    return Split(source, split, content_fingerprint(docs, source, split), lambda: docs, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# tfds:<name>[/<config>]
+
+
+def _tfds_split(data_cfg, split: str, name: str, source: str) -> Split:
+    import tensorflow_datasets as tfds
+
+    data_dir = data_cfg.get("tfds_data_dir", None)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"data.source {source!r}: unknown TFDS dataset {name!r}") from e
+    if not builder.is_prepared():
+        if not data_cfg.tfds_download:
+            raise FileNotFoundError(
+                f"data.source {source!r}: TFDS dataset {name!r} is not prepared in data_dir "
+                f"{builder.data_dir!r}; set data.tfds_download=True or run `tfds build {name}`"
+            )
+        builder.download_and_prepare()
+    tfds_split = data_cfg.train_split if split == "train" else data_cfg.val_split
+    try:
+        source_ds = tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"data.source {source!r}: tfds.data_source needs the ArrayRecord format; this copy was "
+            f"prepared in another format. Rebuild it with file_format='array_record' "
+            f"(reading TFRecord data needs TensorFlow: pip install tensorflow)"
+        ) from e
+    key = data_cfg.text_key
+    max_docs = data_cfg.get("max_documents", None)
+    count = len(source_ds) if max_docs is None else min(max_docs, len(source_ds))
+
+    def load() -> list[str]:
+        docs = []
+        for i in range(count):
+            value = source_ds[i][key]
+            docs.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+        return docs
+
+    fp = content_fingerprint(
+        [], source, str(builder.version), tfds_split, str(count), str(builder.data_dir)
+    )
+    return Split(source, split, fp, load, {"version": str(builder.version), "examples": count})
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def get_split(data_cfg, split: str) -> Split:
+    """The documents of `split` ('train' or 'validation') of `data_cfg.source`."""
+    _check_split(split)
+    source = data_cfg.source
+    kind, _, arg = source.partition(":")
+    if kind == "pystdlib" and not arg:
+        result = _pystdlib_split(data_cfg, split)
+    elif kind == "text" and arg:
+        result = _text_split(data_cfg, split, arg, source)
+    elif kind == "prepared" and arg:
+        result = _prepared_split(data_cfg, split, arg, source)
+    elif kind == "tfds" and arg:
+        result = _tfds_split(data_cfg, split, arg, source)
+    else:
+        raise ValueError(
+            f"unknown data.source {source!r}: expected pystdlib, text:<glob>, tfds:<name>[/<config>] "
+            f"or prepared:<dir>"
+        )
+    max_docs = data_cfg.get("max_documents", None)
+    if max_docs is not None and kind != "tfds":
+        full = result.load
+        result.load = lambda: full()[:max_docs]
+        result.fingerprint = content_fingerprint([], result.fingerprint, f"max={max_docs}")
+    return result
+
+
+def describe(data_cfg) -> dict:
+    """Metadata of the source to store with anything derived from it."""
+    out = {"source": data_cfg.source}
+    kind, _, arg = data_cfg.source.partition(":")
+    if kind == "pystdlib":
+        out.update(describe_pystdlib())
+    elif kind == "prepared":
+        try:
+            with open(os.path.join(os.path.expanduser(arg), "meta.json")) as f:
+                out["prepared_from"] = json.load(f)["source"]
+        except (FileNotFoundError, KeyError, ValueError):
+            pass
+    return out

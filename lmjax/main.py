@@ -1,0 +1,109 @@
+"""`python -m lmjax.main --config=configs/gpt_small.py --workdir=DIR [--mode=train|eval|generate]`.
+
+Parses flags and calls `lmjax.trainer`; nothing else happens here. Any key of the config can be
+overridden on the command line: `--config.train.steps=200 --config.model.position=rope`.
+
+Mistakes end the command with a message and exit code 1 (2 for flag errors) before any file is
+written: an unknown config key (with the keys that do exist), a bad value (with the valid ones), a
+vocab_size below the tokenizer's, or eval/generate on a workdir with no checkpoint.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+import traceback
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lmjax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Preset file, e.g. configs/gpt_small.py.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, summary.json.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "Train (or resume), evaluate, or sample.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeat the flag for several).")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "generate: a file whose whole text is one prompt.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "generate: tokens to add to each prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "generate: softmax temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "generate: sample among the k likeliest tokens; 0 is all.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass; 1.0 is off.")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed (same seed, same output).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _unknown_key_message(argv: list[str]) -> str | None:
+    """Which `--config.a.b=...` override names no key, and the keys that exist at that level.
+
+    config_flags reports only the last name ("'nope'"), so the preset is loaded again to find it.
+    """
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return None
+    file, _, arg = path.partition(":")
+    get_config = runpy.run_path(file)["get_config"]
+    config = get_config(arg) if arg else get_config()
+    for flag in argv:
+        if not flag.startswith("--config."):
+            continue
+        node, seen = config, []
+        for part in flag[len("--config."):].split("=", 1)[0].split("."):
+            if not hasattr(node, "keys") or part not in node:
+                where = "config" + "".join(f".{s}" for s in seen)
+                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+                return f"unknown config key {where}.{part} in {flag!r}; the keys of {where} are: {valid}"
+            node, seen = node[part], seen + [part]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with config override errors turned into one readable line."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        message = _unknown_key_message(argv) or f"bad config override: {e}"
+    except flags.Error as e:
+        message = str(e)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _prompts() -> list[str]:
+    prompts = list(_PROMPT.value)
+    if _PROMPT_FILE.value:
+        with open(_PROMPT_FILE.value) as f:
+            prompts.append(f.read())
+    if not prompts:
+        raise ValueError("--mode=generate needs --prompt (repeatable) or --prompt_file")
+    return prompts
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    try:
+        if _MODE.value == "train":
+            trainer.train(config, workdir)
+        elif _MODE.value == "eval":
+            result = trainer.evaluate(config, workdir)
+            print(f"step {result['step']}: val loss {result['val_loss']:.4f} | val ppl {result['val_ppl']:.2f} "
+                  f"| {result['val_bpb']:.4f} bits/byte")
+        else:
+            prompts = _prompts()
+            texts = trainer.generate_text(
+                config, workdir, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+            )
+            for prompt, text in zip(prompts, texts):
+                print(f"{prompt}{text}\n{'=' * 40}")
+    except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
+        logging.debug("%s", traceback.format_exc())
+        print(f"error: {e}\n(--verbosity=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

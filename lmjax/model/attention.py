@@ -1,0 +1,153 @@
+"""Causal self-attention with grouped KV heads (MHA, GQA, MQA), RoPE/ALiBi, QK-norm, KV cache.
+
+Two interchangeable paths chosen by `config.model.attention`:
+  einsum       the readable reference below;
+  dot_product  `jax.nn.dot_product_attention` (XLA everywhere, cuDNN flash attention on GPU when
+               shapes and dtypes allow). Attention-weight dropout is not supported there, so while
+               dropout is active (training with dropout > 0) the einsum path is used instead.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax.model import positions as pos_lib
+from lmjax.model.norms import RMSNorm
+
+
+def head_dim(cfg) -> int:
+    """E: config.model.head_dim, or embed_dim // num_heads when unset."""
+    return cfg.head_dim if cfg.head_dim is not None else cfg.embed_dim // cfg.num_heads
+
+
+def check_heads(cfg) -> None:
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ValueError(
+            f"config.model.num_heads={cfg.num_heads} must be a multiple of num_kv_heads={cfg.num_kv_heads}"
+        )
+
+
+def dense_init(std: float, names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def einsum_attention(
+    q_BxLxHxE: jnp.ndarray,
+    k_BxSxKxE: jnp.ndarray,
+    v_BxSxKxE: jnp.ndarray,
+    mask_Bx1xLxS: jnp.ndarray,
+    bias_BxHxLxS: jnp.ndarray | None,
+    dropout: nn.Module | None = None,
+) -> jnp.ndarray:
+    """softmax(q k^T / sqrt(E) + bias, masked) v, each group of G query heads sharing one kv head.
+
+    The logits and softmax are float32 whatever the compute dtype: in bfloat16 the exponentials of
+    long rows lose the small probabilities and the max-subtraction is too coarse.
+    """
+    B, L, H, E = q_BxLxHxE.shape
+    K = k_BxSxKxE.shape[2]
+    q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
+    logits_BxKxGxLxS = jnp.einsum(
+        "blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32
+    ) / jnp.float32(math.sqrt(E))
+    if bias_BxHxLxS is not None:
+        logits_BxKxGxLxS += bias_BxHxLxS.reshape(B, K, H // K, L, -1)
+    logits_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+    probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
+    if dropout is not None:
+        probs_BxKxGxLxS = dropout(probs_BxKxGxLxS)
+    out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxS.astype(v_BxSxKxE.dtype), v_BxSxKxE)
+    return out_BxLxKxGxE.reshape(B, L, H, E)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention. Returns (out_BxLxD, updated cache or None).
+
+    `ctx` holds what every layer shares: q_positions_BxL, k_positions_BxS, mask_Bx1xLxS (None:
+    plain causal over this call's tokens) and cache_index (None without a KV cache: the slot where
+    this call's keys/values are written).
+    """
+
+    cfg: Any
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jnp.ndarray, ctx: dict, cache: dict | None = None):
+        cfg = self.cfg
+        check_heads(cfg)
+        H, K, E, D = cfg.num_heads, cfg.num_kv_heads, head_dim(cfg), cfg.embed_dim
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+        def proj(name, heads, head_axis):
+            return nn.DenseGeneral(
+                (heads, E),
+                use_bias=cfg.use_bias,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=dense_init(cfg.init_std, ("embed", head_axis, "head_dim")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")),
+                name=name,
+            )(x_BxLxD)
+
+        q_BxLxHxE = proj("query", H, "heads")
+        k_BxLxKxE = proj("key", K, "kv_heads")
+        v_BxLxKxE = proj("value", K, "kv_heads")
+        if cfg.qk_norm:
+            q_BxLxHxE = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="query_norm")(q_BxLxHxE)
+            k_BxLxKxE = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="key_norm")(k_BxLxKxE)
+        if cfg.position == "rope":
+            inv_freq = pos_lib.rope_inv_freq(E, cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor)
+            q_BxLxHxE = pos_lib.apply_rope(q_BxLxHxE, ctx["q_positions"], inv_freq)
+            k_BxLxKxE = pos_lib.apply_rope(k_BxLxKxE, ctx["q_positions"], inv_freq)
+        q_BxLxHxE = nn.with_logical_constraint(q_BxLxHxE, ("batch", "length", "heads", "head_dim"))
+
+        new_cache = None
+        if cache is not None:
+            start = (0, ctx["cache_index"], 0, 0)
+            k_BxSxKxE = jax.lax.dynamic_update_slice(cache["k"], k_BxLxKxE.astype(cache["k"].dtype), start)
+            v_BxSxKxE = jax.lax.dynamic_update_slice(cache["v"], v_BxLxKxE.astype(cache["v"].dtype), start)
+            new_cache = {"k": k_BxSxKxE, "v": v_BxSxKxE}
+        else:
+            k_BxSxKxE, v_BxSxKxE = k_BxLxKxE, v_BxLxKxE
+        k_BxSxKxE = nn.with_logical_constraint(k_BxSxKxE, ("batch", "length", "kv_heads", "head_dim"))
+        v_BxSxKxE = nn.with_logical_constraint(v_BxSxKxE, ("batch", "length", "kv_heads", "head_dim"))
+
+        bias_BxHxLxS = None
+        if cfg.position == "alibi":
+            bias_BxHxLxS = pos_lib.alibi_bias(ctx["q_positions"], ctx["k_positions"], H)
+        mask_Bx1xLxS = ctx["mask"]
+        attn_dropout = cfg.dropout > 0 and not self.deterministic
+        if cfg.attention == "dot_product" and not attn_dropout:
+            out_BxLxHxE = jax.nn.dot_product_attention(
+                q_BxLxHxE,
+                k_BxSxKxE.astype(q_BxLxHxE.dtype),
+                v_BxSxKxE.astype(q_BxLxHxE.dtype),
+                bias=bias_BxHxLxS,
+                mask=mask_Bx1xLxS,
+                is_causal=mask_Bx1xLxS is None,
+            )
+        elif cfg.attention in ("einsum", "dot_product"):
+            if mask_Bx1xLxS is None:
+                L = x_BxLxD.shape[1]
+                mask_Bx1xLxS = jnp.tril(jnp.ones((L, L), bool))[None, None]
+            dropout = nn.Dropout(cfg.dropout, deterministic=False) if attn_dropout else None
+            out_BxLxHxE = einsum_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1xLxS, bias_BxHxLxS, dropout)
+        else:
+            raise ValueError(f"config.model.attention={cfg.attention!r}: expected 'einsum' or 'dot_product'")
+        out_BxLxHxE = nn.with_logical_constraint(out_BxLxHxE, ("batch", "length", "heads", "head_dim"))
+
+        out_BxLxD = nn.DenseGeneral(
+            D,
+            axis=(-2, -1),
+            use_bias=cfg.use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            # GPT-2: residual projections scaled by 1/sqrt(2N) so the stream's variance stays O(1).
+            kernel_init=dense_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), ("heads", "head_dim", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="out",
+        )(out_BxLxHxE)
+        return out_BxLxD, new_cache

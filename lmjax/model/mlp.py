@@ -1,0 +1,52 @@
+"""The position-wise feed-forward block: gelu, gelu_tanh (GPT-2), relu, or swiglu (Llama)."""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+
+
+def mlp_dim(cfg) -> int:
+    """F: config.model.mlp_dim, or int(mlp_ratio * embed_dim) when unset."""
+    return cfg.mlp_dim if cfg.mlp_dim is not None else int(cfg.mlp_ratio * cfg.embed_dim)
+
+
+class Mlp(nn.Module):
+    """x -> act(x W_in) W_out, or for swiglu (silu(x W_gate) * x W_up) W_out."""
+
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.cfg
+        F, D = mlp_dim(cfg), cfg.embed_dim
+
+        def dense(name, features, names, std):
+            return nn.Dense(
+                features,
+                use_bias=cfg.use_bias,
+                dtype=jnp.dtype(cfg.dtype),
+                param_dtype=jnp.dtype(cfg.param_dtype),
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), names),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]),
+                name=name,
+            )
+
+        if cfg.mlp == "swiglu":
+            gate_BxLxF = dense("gate", F, ("embed", "mlp"), cfg.init_std)(x_BxLxD)
+            up_BxLxF = dense("up", F, ("embed", "mlp"), cfg.init_std)(x_BxLxD)
+            h_BxLxF = nn.silu(gate_BxLxF) * up_BxLxF
+        elif cfg.mlp in ACTIVATIONS:
+            h_BxLxF = ACTIVATIONS[cfg.mlp](dense("up", F, ("embed", "mlp"), cfg.init_std)(x_BxLxD))
+        else:
+            raise ValueError(f"config.model.mlp={cfg.mlp!r}: expected one of {sorted(ACTIVATIONS) + ['swiglu']}")
+        h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
+        # Residual projection scaled by 1/sqrt(2N) as in GPT-2.
+        return dense("down", D, ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.num_layers))(h_BxLxF)

@@ -1,0 +1,63 @@
+"""LayerNorm and RMSNorm, computed in float32 whatever the compute dtype.
+
+Why our own: the statistics of a bfloat16 residual stream lose precision, so we upcast, and we
+want the scale parameter to carry the logical axis name `norm`.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / std * scale (+ bias), over the last axis."""
+
+    eps: float = 1e-5
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        dim = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jnp.reciprocal(jnp.sqrt(var + self.eps))
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (dim,), self.param_dtype
+        )
+        y = y * scale.astype(jnp.float32)
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (dim,), self.param_dtype
+            )
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, over the last axis (no centering, no bias)."""
+
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        dim = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        y = x32 * jnp.reciprocal(jnp.sqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps))
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (dim,), self.param_dtype
+        )
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(cfg, name: str | None = None) -> nn.Module:
+    """The norm selected by `config.model.norm` (layernorm | rmsnorm)."""
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if cfg.norm == "layernorm":
+        return LayerNorm(cfg.norm_eps, cfg.use_bias, dtype, param_dtype, name=name)
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.norm_eps, dtype, param_dtype, name=name)
+    raise ValueError(f"config.model.norm={cfg.norm!r}: expected 'layernorm' or 'rmsnorm'")

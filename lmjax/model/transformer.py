@@ -1,0 +1,141 @@
+"""The decoder-only transformer: embeddings, N pre-norm blocks (optionally remat'd and scanned),
+final norm, LM head. Every architecture choice comes from `config.model`."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax.model import positions as pos_lib
+from lmjax.model.attention import Attention
+from lmjax.model.mlp import Mlp
+from lmjax.model.norms import make_norm
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a block: recompute it all in the backward pass
+    # Save the weight matmuls' outputs; recompute attention scores and elementwise ops.
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, cache)."""
+
+    cfg: Any
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jnp.ndarray, ctx: dict, cache: dict | None = None):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        h_BxLxD, cache = Attention(cfg, self.deterministic, name="attn")(make_norm(cfg, "attn_norm")(x_BxLxD), ctx, cache)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD + drop(h_BxLxD), ("batch", "length", "embed"))
+        h_BxLxD = Mlp(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxLxD))
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD + drop(h_BxLxD), ("batch", "length", "embed"))
+        return x_BxLxD, cache
+
+
+def attention_context(positions_BxL, segment_ids_BxL, cache):
+    """Positions, mask and cache bookkeeping shared by every layer; also the updated cache header.
+
+    The causal mask is over array slots (not positions), so packed documents whose positions
+    restart at 0 stay causal; segment_ids keep them from seeing each other. With a cache, this
+    call's tokens occupy slots index..index+L-1 and slots holding segment 0 (left padding, unused)
+    are never attended by real tokens.
+    """
+    B, L = positions_BxL.shape
+    if cache is None:
+        mask = None
+        if segment_ids_BxL is not None:
+            causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+            mask = (causal_LxL[None] & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]))[:, None]
+        return {"q_positions": positions_BxL, "k_positions": positions_BxL, "mask": mask, "cache_index": None}, None
+    if segment_ids_BxL is None:
+        segment_ids_BxL = jnp.ones((B, L), jnp.int32)
+    index = cache["index"]
+    k_positions_BxS = jax.lax.dynamic_update_slice(cache["positions"], positions_BxL.astype(jnp.int32), (0, index))
+    k_segments_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL.astype(jnp.int32), (0, index))
+    S = k_positions_BxS.shape[1]
+    causal_LxS = jnp.arange(S)[None, :] <= (index + jnp.arange(L))[:, None]
+    mask = (causal_LxS[None] & (segment_ids_BxL[:, :, None] == k_segments_BxS[:, None, :]))[:, None]
+    ctx = {"q_positions": positions_BxL, "k_positions": k_positions_BxS, "mask": mask, "cache_index": index}
+    header = {"index": index + L, "positions": k_positions_BxS, "segment_ids": k_segments_BxS}
+    return ctx, header
+
+
+class Transformer(nn.Module):
+    """tokens [B, L] (+ positions, segment_ids) -> float32 logits [B, L, V].
+
+    With `cache` (see decoding.init_cache) returns (logits, updated cache): the KV-cache path.
+    """
+
+    cfg: Any
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BxL: jnp.ndarray,
+        positions: jnp.ndarray | None = None,
+        segment_ids: jnp.ndarray | None = None,
+        deterministic: bool = True,
+        cache: dict | None = None,
+    ):
+        cfg = self.cfg
+        if cfg.vocab_size is None:
+            raise ValueError("config.model.vocab_size is None: set it (the trainer fills it from the tokenizer)")
+        if cfg.position not in pos_lib.POSITION_TYPES:
+            raise ValueError(f"config.model.position={cfg.position!r}: expected one of {pos_lib.POSITION_TYPES}")
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        B, L = tokens_BxL.shape
+        V, D = cfg.vocab_size, cfg.embed_dim
+        positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions is None else positions
+
+        init = lambda names: nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), names)
+        embedding_VxD = self.param("embedding", init(("vocab", "embed")), (V, D), param_dtype)
+        x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(dtype)
+        if cfg.position == "learned":
+            table = self.param("pos_embedding", init((None, "embed")), (cfg.max_len, D), param_dtype)
+            x_BxLxD += jnp.take(table, positions_BxL, axis=0).astype(dtype)
+        elif cfg.position == "sinusoidal":
+            x_BxLxD += pos_lib.sinusoidal(positions_BxL, D).astype(dtype)
+        x_BxLxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+
+        ctx, header = attention_context(positions_BxL, segment_ids, cache)
+        layer_caches = None if cache is None else cache["layers"]
+        block = Block
+        if cfg.remat != "none":
+            if cfg.remat not in REMAT_POLICIES:
+                raise ValueError(f"config.model.remat={cfg.remat!r}: expected none | full | dots")
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            blocks = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, 0),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, deterministic, name="blocks")
+            x_BxLxD, layer_caches = blocks(x_BxLxD, ctx, layer_caches)
+        else:
+            new_caches = []
+            for i in range(cfg.num_layers):
+                layer_cache = None if cache is None else layer_caches[i]
+                x_BxLxD, layer_cache = block(cfg, deterministic, name=f"block_{i}")(x_BxLxD, ctx, layer_cache)
+                new_caches.append(layer_cache)
+            layer_caches = tuple(new_caches)
+        x_BxLxD = make_norm(cfg, "final_norm")(x_BxLxD)
+
+        if cfg.tie_embeddings:
+            head_DxV = embedding_VxD.T
+        else:
+            head_DxV = self.param("head", init(("embed", "vocab")), (D, V), param_dtype)
+        logits_BxLxV = jnp.einsum(
+            "bld,dv->blv", x_BxLxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32
+        )
+        logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
+        if cache is None:
+            return logits_BxLxV
+        return logits_BxLxV, {**header, "layers": layer_caches}

@@ -1,0 +1,104 @@
+"""The four scaling-law figures, as matplotlib figures (Agg backend: no display needed).
+
+Each function takes the fits from `kaplan` / `chinchilla` plus the raw points and returns a Figure;
+`save` writes one as a PNG. Colours run with the compute budget, as in Hoffmann et al. fig. 3.
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+from lmjax.scaling.chinchilla import IsoFlopFit, ParametricFit  # noqa: E402
+from lmjax.scaling.kaplan import PowerLaw, frontier  # noqa: E402
+
+
+def _budget_colours(budgets: np.ndarray):
+    cmap = plt.get_cmap("viridis")
+    return {c: cmap(i / max(len(budgets) - 1, 1)) for i, c in enumerate(budgets)}
+
+
+def isoflop_curves(budgets, n_params, losses, fit: IsoFlopFit):
+    """Loss vs N for each budget, the fitted parabola (in log N) and its minimum."""
+    budgets, n_params, losses = (np.asarray(v, np.float64) for v in (budgets, n_params, losses))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    colours = _budget_colours(fit.budgets)
+    for c, p, n_opt, l_opt in zip(fit.budgets, fit.parabolas, fit.n_opt, fit.loss_opt):
+        pick = budgets == c
+        ax.scatter(n_params[pick], losses[pick], color=colours[c], label=f"C = {c:.1e}")
+        log_n = np.linspace(np.log(n_params[pick].min()) - 0.2, np.log(n_params[pick].max()) + 0.2, 100)
+        ax.plot(np.exp(log_n), np.polyval(p, log_n), color=colours[c], alpha=0.7)
+        ax.scatter([n_opt], [l_opt], color=colours[c], marker="*", s=200, edgecolor="k", zorder=3)
+    ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="loss",
+           title="IsoFLOP profiles (stars: fitted minima)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def loss_vs_compute(flops, losses, law: PowerLaw | None = None):
+    """Every run's loss against C = 6 N D, the frontier, and the L(C_min) law."""
+    flops, losses = np.asarray(flops, np.float64), np.asarray(losses, np.float64)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(flops, losses, color="0.6", s=15, label="runs")
+    fx, fl = frontier(flops, losses)
+    ax.plot(fx, fl, "o-", color="C3", label="frontier")
+    if law is not None:
+        xs = np.geomspace(flops.min(), flops.max() * 3, 100)
+        ax.plot(xs, law(xs), "--", color="k", label=f"L(C) ~ C^-{law.exponent:.3f}")
+    ax.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="loss",
+           title="Loss vs compute")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def optimal_allocation(fit: IsoFlopFit, parametric: ParametricFit | None = None):
+    """N_opt(C) and D_opt(C): approach 2 minima with their power laws, and approach 3's prediction."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    xs = np.geomspace(fit.budgets.min() / 3, fit.budgets.max() * 3, 100)
+    for ax, points, law, label in ((axes[0], fit.n_opt, fit.n_law, "N_opt"), (axes[1], fit.d_opt, fit.d_law, "D_opt")):
+        ax.scatter(fit.budgets, points, color="C0", zorder=3, label="approach 2 minima")
+        ax.plot(xs, law(xs), color="C0", label=f"{label} ~ C^{law.exponent:.3f}")
+        if parametric is not None:
+            n3, d3 = parametric.compute_optimal(xs)
+            ax.plot(xs, n3 if label == "N_opt" else d3, "--", color="C1", label="approach 3")
+        ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel=label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def loss_contours(fit: ParametricFit, n_params, n_tokens, flops_lines=()):
+    """L(N, D) of the parametric fit as contours over the sweep's range, the runs, and the
+    compute-optimal path; optional IsoFLOP lines D = C / (6N)."""
+    n_params, n_tokens = np.asarray(n_params, np.float64), np.asarray(n_tokens, np.float64)
+    ns = np.geomspace(n_params.min() / 3, n_params.max() * 3, 120)
+    ds = np.geomspace(n_tokens.min() / 3, n_tokens.max() * 3, 120)
+    nn, dd = np.meshgrid(ns, ds)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    cs = ax.contourf(nn, dd, fit.predict(nn, dd), levels=20, cmap="viridis")
+    fig.colorbar(cs, ax=ax, label="predicted loss")
+    ax.scatter(n_params, n_tokens, color="w", edgecolor="k", s=20, label="runs")
+    cs_ = np.geomspace(6 * ns.min() * ds.min(), 6 * ns.max() * ds.max(), 50)
+    n_opt, d_opt = fit.compute_optimal(cs_)
+    ax.plot(n_opt, d_opt, color="r", label="compute-optimal")
+    for c in flops_lines:
+        ax.plot(ns, c / (6 * ns), ":", color="w", lw=1)
+    ax.set(xscale="log", yscale="log", xlim=(ns[0], ns[-1]), ylim=(ds[0], ds[-1]),
+           xlabel="non-embedding parameters N", ylabel="tokens D", title="L(N, D) = E + A/N^a + B/D^b")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,157 @@
+"""Sweeps as data: a base preset plus a list of named runs, each a set of `--config.k=v` overrides.
+
+A sweep file (`configs/sweeps/X.py`) defines `get_sweep() -> Sweep`, usually by calling one of the
+generators here:
+- `isoflop`: for each compute budget C, model sizes N trained on D = C / (6 N) tokens (Chinchilla
+  approach 2);
+- `grid`: every size x every token budget (approach 3, and Kaplan's L(D));
+- `kaplan`: sizes only, all on the same (large) number of tokens (Kaplan's L(N)).
+Sizes are non-embedding parameter counts turned into shapes by `shapes.shape_for_params`; tokens
+become `train.steps = D / (batch_size * seq_len)`, so the run's real D is a whole number of steps.
+Run names are stable and readable (`isoflop_C1e14_N2.1M`): they name the workdirs, so re-running
+a sweep finds its finished runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import runpy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ml_collections import config_dict
+
+from lmjax.scaling import shapes
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    overrides: dict[str, Any]  # 'section.key' -> value, this run's own
+    n_params: int  # non-embedding parameters of its shape
+    tokens: int  # training tokens: steps * batch_size * seq_len
+    budget: float | None = None  # the C of its IsoFLOP profile, None outside isoflop sweeps
+
+    @property
+    def flops(self) -> float:
+        return 6.0 * self.n_params * self.tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    name: str
+    base_config: str  # preset file, relative to the repo root (or absolute)
+    runs: list[Run]
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # shared by every run
+
+    def __post_init__(self):
+        names = [r.name for r in self.runs]
+        twins = sorted({n for n in names if names.count(n) > 1})
+        if twins:
+            raise ValueError(f"sweep {self.name!r}: run names must be unique, repeated: {twins}")
+
+    def config_flags(self, run: Run) -> list[str]:
+        """`--config=...` and every override, shared ones first, as `python -m lmjax.main` takes them."""
+        items = {**self.overrides, **run.overrides, "name": run.name}
+        return [f"--config={self.base_config}"] + [f"--config.{k}={v}" for k, v in items.items()]
+
+    def manifest(self) -> dict[str, Any]:
+        """What `collect` needs to know about the runs (written as sweep.json in the sweep dir)."""
+        return {"name": self.name, "base_config": self.base_config, "overrides": self.overrides,
+                "runs": [dataclasses.asdict(r) for r in self.runs]}
+
+
+def load_sweep(path: str) -> Sweep:
+    """Run a sweep file and return its `get_sweep()`."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"sweep file {path} does not exist")
+    namespace = runpy.run_path(path)
+    if "get_sweep" not in namespace:
+        raise ValueError(f"sweep file {path} defines no get_sweep(); it must return an lmjax.scaling.sweeps.Sweep")
+    sweep = namespace["get_sweep"]()
+    if not isinstance(sweep, Sweep):
+        raise TypeError(f"{path}: get_sweep() returned {type(sweep).__name__}, expected lmjax.scaling.sweeps.Sweep")
+    return sweep
+
+
+def load_config(path: str, overrides: Mapping[str, Any] = ()) -> config_dict.ConfigDict:
+    """A preset's `get_config()` (path relative to the repo root) with dotted overrides applied."""
+    full = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+    config = runpy.run_path(full)["get_config"]()
+    for key, value in dict(overrides).items():
+        *sections, leaf = key.split(".")
+        node = config
+        for s in sections:
+            node = node[s]
+        node[leaf] = value
+    return config
+
+
+def format_count(n: float) -> str:
+    """2_100_000 -> '2.1M', 100_000 -> '100K': two significant digits, K/M/B/T suffix."""
+    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3), ("", 1)):
+        if n >= scale or scale == 1:
+            return f"{float(f'{n / scale:.2g}'):g}{suffix}"
+
+
+def format_flops(c: float) -> str:
+    """1e14 -> '1e14', 3.5e13 -> '3.5e13'."""
+    mantissa, exponent = f"{c:.2g}".split("e") if "e" in f"{c:.2g}" else (f"{c:.2g}", "0")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def make_run(name: str, base: config_dict.ConfigDict, n_params: float, tokens: float, *,
+             aspect_ratio: float, head_dim: int, warmup_fraction: float, min_steps: int,
+             budget: float | None = None) -> Run:
+    """One run: the shape for `n_params` trained for the whole number of steps nearest `tokens`."""
+    try:
+        shape = shapes.shape_for_params(n_params, base.model, aspect_ratio=aspect_ratio, head_dim=head_dim)
+    except ValueError as e:
+        raise ValueError(f"run {name}: {e}") from None
+    per_step = int(base.train.batch_size) * int(base.data.seq_len)
+    steps = round(tokens / per_step)
+    if steps < min_steps:
+        raise ValueError(
+            f"run {name}: {tokens:.3g} tokens are {tokens / per_step:.2f} steps of {per_step:,} tokens "
+            f"(train.batch_size x data.seq_len); at least {min_steps} are needed. Use a larger budget, "
+            f"a smaller model or a smaller batch"
+        )
+    overrides = {**shape.overrides(), "train.steps": steps,
+                 "optim.warmup_steps": max(1, round(warmup_fraction * steps))}
+    return Run(name, overrides, shape.non_embedding_params, steps * per_step, budget)
+
+
+def isoflop(base: config_dict.ConfigDict, budgets: Sequence[float],
+            sizes: Sequence[float] | Mapping[float, Sequence[float]], *, aspect_ratio: float = 32.0,
+            head_dim: int = 32, warmup_fraction: float = 0.1, min_steps: int = 10) -> list[Run]:
+    """For each budget C, each size N on D = C / (6 N) tokens. `sizes` may differ per budget."""
+    runs = []
+    for c in budgets:
+        for n in (sizes[c] if isinstance(sizes, Mapping) else sizes):
+            shape_n = shapes.shape_for_params(n, base.model, aspect_ratio=aspect_ratio, head_dim=head_dim,
+                                              tolerance=float("inf")).non_embedding_params
+            runs.append(make_run(f"isoflop_C{format_flops(c)}_N{format_count(n)}", base, n, c / (6 * shape_n),
+                                 aspect_ratio=aspect_ratio, head_dim=head_dim,
+                                 warmup_fraction=warmup_fraction, min_steps=min_steps, budget=c))
+    return runs
+
+
+def grid(base: config_dict.ConfigDict, sizes: Sequence[float], tokens: Sequence[float], *,
+         aspect_ratio: float = 32.0, head_dim: int = 32, warmup_fraction: float = 0.1,
+         min_steps: int = 10) -> list[Run]:
+    """Every size on every token budget."""
+    return [make_run(f"grid_N{format_count(n)}_D{format_count(d)}", base, n, d, aspect_ratio=aspect_ratio,
+                     head_dim=head_dim, warmup_fraction=warmup_fraction, min_steps=min_steps)
+            for n in sizes for d in tokens]
+
+
+def kaplan(base: config_dict.ConfigDict, sizes: Sequence[float], tokens: float, *,
+           aspect_ratio: float = 32.0, head_dim: int = 32, warmup_fraction: float = 0.1,
+           min_steps: int = 10) -> list[Run]:
+    """Sizes only, all on `tokens` tokens: Kaplan's L(N) when `tokens` is large enough to converge."""
+    return [make_run(f"kaplan_N{format_count(n)}", base, n, tokens, aspect_ratio=aspect_ratio,
+                     head_dim=head_dim, warmup_fraction=warmup_fraction, min_steps=min_steps)
+            for n in sizes]

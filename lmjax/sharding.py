@@ -1,0 +1,194 @@
+"""The device mesh, the logical-axis rules, and placing parameters and batches on the mesh.
+
+Parallelism in lmjax is data, not code: the model names every array axis logically (`embed`,
+`heads`, `batch`, ...), `config.mesh.rules` maps those names to the mesh axes `data`, `fsdp` and
+`tensor`, and the mesh sizes in `config.mesh` decide how many devices each axis spans. Data
+parallelism, FSDP (ZeRO-3) and Megatron tensor parallelism, and their mixes, are choices of sizes.
+"""
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+
+def maybe_initialize_distributed() -> bool:
+    """Starts JAX's multi-process runtime when the environment says this is one of several hosts.
+
+    Must run before anything touches the devices. On a TPU VM pod slice every worker sees the
+    other workers' hostnames; Slurm and Open MPI publish the task count; an explicit coordinator
+    address covers the rest (multi-node GPU). Returns whether it initialized.
+    """
+    tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    multi_process = (
+        bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+        or len(tpu_hosts) > 1
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+    if not multi_process or jax.distributed.is_initialized():
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor); one size may be -1 to take the devices the others leave."""
+    sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
+    inferred = [axis for axis, size in sizes.items() if size == -1]
+    if len(inferred) > 1:
+        raise ValueError(f"Only one of config.mesh.{{data,fsdp,tensor}} may be -1, got {sizes}.")
+    if any(size == 0 or size < -1 for size in sizes.values()):
+        raise ValueError(f"config.mesh sizes must be positive or -1, got {sizes}.")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if inferred:
+        if num_devices % known:
+            raise ValueError(
+                f"config.mesh.{inferred[0]}=-1 cannot take the remaining devices: {num_devices} "
+                f"devices do not divide by the other axes' product {known} ({sizes})."
+            )
+        sizes[inferred[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(
+            f"config.mesh {sizes} spans {math.prod(sizes.values())} devices but there are "
+            f"{num_devices}; set one axis to -1 to take the remaining devices."
+        )
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: every device of every host).
+
+    With `config.mesh.num_slices > 1` the data axis spans the slices (slow DCN links carry only
+    the gradient all-reduce) and fsdp/tensor stay inside a slice on the fast ICI links. Axis types
+    are Auto: the step is a classic GSPMD program steered by sharding constraints.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    num_slices = int(mesh_cfg.get("num_slices", 1))
+    if num_slices > 1:
+        if shape[0] % num_slices:
+            raise ValueError(
+                f"config.mesh.data={shape[0]} must be a multiple of "
+                f"config.mesh.num_slices={num_slices}: the data axis spans the slices."
+            )
+        per_slice = (shape[0] // num_slices, shape[1], shape[2])
+        device_array = mesh_utils.create_hybrid_device_mesh(
+            per_slice, (num_slices, 1, 1), devices, allow_split_physical_axes=True
+        )
+    else:
+        device_array = mesh_utils.create_device_mesh(
+            shape, devices, allow_split_physical_axes=True
+        )
+    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rules(mesh_cfg: Any) -> Rules:
+    """The logical->mesh table of `config.mesh.rules` as a tuple, checked against the mesh axes."""
+    table = []
+    for entry in mesh_cfg.rules:
+        logical, axes = entry
+        axes = tuple(axes) if isinstance(axes, list) else axes
+        for axis in (axes,) if isinstance(axes, str) else axes or ():
+            if axis not in MESH_AXES:
+                raise ValueError(
+                    f"config.mesh.rules maps {logical!r} to unknown mesh axis {axis!r}; "
+                    f"mesh axes are {MESH_AXES}."
+                )
+        table.append((logical, axes))
+    return tuple(table)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Makes `nn.with_logical_constraint` bind while a function is traced.
+
+    Flax's constraints are silently no-ops unless logical rules and a mesh are both in context.
+    `jax.set_mesh` may not be entered inside `jax.jit`, but the abstract mesh can, so a jitted
+    step opens this itself and is correct whatever context its caller (or an AOT compile) has.
+    """
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def logical_sharding(mesh: Mesh, rules: Rules, names: Sequence[str | None]) -> NamedSharding:
+    """The NamedSharding of one array whose axes have these logical names."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(names), rules))
+
+
+def param_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for a tree of `nn.Partitioned` leaves (abstract or concrete); plain leaves
+    (no logical names) are replicated. The result matches the tree after `nn.unbox`.
+
+    Checks divisibility first, so a bad mesh fails naming the parameter, not deep inside jit.
+    """
+    check_divisible(boxed_tree, mesh, rules)
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+
+
+def check_divisible(boxed_tree: Any, mesh: Mesh, rules: Rules) -> None:
+    """Raises ValueError naming the parameter, its shape, the dimension and the mesh axes when a
+    dimension is not a multiple of the mesh axes the rules shard it over."""
+    leaves = jax.tree_util.tree_leaves_with_path(
+        boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+    for path, leaf in leaves:
+        if not isinstance(leaf, nn.Partitioned):
+            continue
+        shape = leaf.value.shape
+        spec = nn.logical_to_mesh_axes(leaf.names, rules)
+        for dim, (name, axes) in enumerate(zip(leaf.names, spec)):
+            ways = axes_size(mesh, axes)
+            if shape[dim] % ways:
+                axes = (axes,) if isinstance(axes, str) else tuple(axes)
+                sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)
+                raise ValueError(
+                    f"Parameter {jax.tree_util.keystr(path, simple=True, separator='/')} of "
+                    f"shape {tuple(shape)}: dimension {dim} (logical {name!r}, size {shape[dim]}) "
+                    f"does not divide mesh axes {axes} ({sizes}, {ways} ways). Change "
+                    f"config.mesh sizes or the {name!r} entry of config.mesh.rules."
+                )
+
+
+def axes_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+    """How many ways one PartitionSpec entry splits an array dimension."""
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
+    """Rows split by the 'batch' rule (data x fsdp by default), every other axis replicated."""
+    return logical_sharding(mesh, rules, ("batch",) + (None,) * (ndim - 1))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_batch(batch_np: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
+    """Global jax.Arrays from this process's rows: each process passes only its own share of the
+    global batch (as the data pipeline yields it) and no host ever holds the whole batch."""
+    batch_ways = axes_size(mesh, batch_sharding(mesh, rules).spec[0])
+    out = {}
+    for key, local in batch_np.items():
+        local = np.asarray(local)
+        rows = local.shape[0] * jax.process_count()
+        if rows % batch_ways:
+            raise ValueError(
+                f"Batch field {key!r}: {rows} global rows do not split over the {batch_ways} "
+                f"devices of the 'batch' mesh axes; make config.train.batch_size a multiple of it."
+            )
+        out[key] = jax.make_array_from_process_local_data(
+            batch_sharding(mesh, rules, local.ndim), local
+        )
+    return out

@@ -1,0 +1,41 @@
+"""lmjax: decoder-only language models in JAX/Flax, from a laptop CPU to a TPU pod slice."""
+
+from setuptools import find_packages, setup
+
+# Ranges admit the set verified to install together on Python 3.11 (jax 0.10.2, flax 0.12.8,
+# optax 0.2.8, orbax-checkpoint 0.12.8, tfds 4.9.10, grain 0.2.18, sentencepiece 0.2.3,
+# ml-collections 1.1.0), and newer releases on Python >= 3.12.
+JAX_VERSION = "0.10.2"
+
+setup(
+    name="lmjax",
+    version="0.1.0",
+    description="GPT-style language models in JAX/Flax: training, sharding, scaling laws, inference.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["lmjax", "lmjax.*", "launch", "launch.*"]),
+    install_requires=[
+        f"jax>={JAX_VERSION}",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8.6",
+        "grain>=0.2.18",
+        "sentencepiece>=0.2.3",
+        "ml-collections>=1.1.0",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "notebooks": ["jupyter", "ipykernel>=6.29", "nbformat>=5.10"],
+        # Compile-only TPU devices on any machine (lmjax.aot), and running on TPU VMs.
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        "gpu": [f"jax[cuda12]>={JAX_VERSION}"],
+    },
+)

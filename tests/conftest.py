@@ -1,0 +1,11 @@
+"""Shared pytest setup: markers, and one CPU device per test process (multi-device tests use subprocesses)."""
+
+import os
+
+# Keep the in-process suite on the plain CPU backend (no accelerator probing, no fake devices).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.pop("XLA_FLAGS", None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end tests that take tens of seconds (CI runs them)")

@@ -1,0 +1,127 @@
+"""Scaling-law fits recover known laws from synthetic data; the shape rule and sweeps hit their targets."""
+
+import math
+
+import numpy as np
+import pytest
+
+from lmjax.scaling import chinchilla, kaplan, shapes, sweeps
+
+# Hoffmann et al. (2022)'s fitted law, used as ground truth for synthetic sweeps.
+TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+
+
+def true_loss(n, d):
+    return TRUE["E"] + TRUE["A"] / n ** TRUE["alpha"] + TRUE["B"] / d ** TRUE["beta"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return sweeps.load_config("configs/gpt_small.py")
+
+
+@pytest.mark.parametrize("target", [5e5, 2e6, 1e7, 1.2e8, 1e9])
+def test_shape_rule_hits_target_counts_at_the_aspect_ratio(base, target):
+    shape = shapes.shape_for_params(target, base.model, aspect_ratio=64, head_dim=64)
+    # head_dim-wide steps in width are coarse for small models: the tolerance tightens with size.
+    assert abs(shape.non_embedding_params / target - 1) < (0.25 if target < 1e6 else 0.15 if target < 1e8 else 0.05)
+    assert shape.num_heads * 64 == shape.embed_dim
+    if target >= 1e7:
+        assert 32 <= shape.embed_dim / shape.num_layers <= 128
+        closed = shapes.closed_form_non_embedding(shape.num_layers, shape.embed_dim)
+        assert abs(closed / shape.non_embedding_params - 1) < 0.02  # 12 L d^2 is param_count less biases/norms
+
+
+def test_shape_rule_refuses_a_size_below_one_layer(base):
+    with pytest.raises(ValueError, match="smallest shape has"):
+        shapes.shape_for_params(500, base.model, head_dim=32)
+
+
+def test_isoflop_runs_have_readable_names_and_spend_their_budget(base):
+    runs = sweeps.isoflop(base, budgets=[1e14, 1e15], sizes=[2.1e6, 8e6])
+    assert [r.name for r in runs] == ["isoflop_C1e14_N2.1M", "isoflop_C1e14_N8M",
+                                      "isoflop_C1e15_N2.1M", "isoflop_C1e15_N8M"]
+    per_step = base.train.batch_size * base.data.seq_len
+    for r in runs:
+        assert r.tokens == r.overrides["train.steps"] * per_step
+        assert abs(r.flops / r.budget - 1) < 6 * r.n_params * per_step / r.budget  # within one step
+        assert 1 <= r.overrides["optim.warmup_steps"] < r.overrides["train.steps"]
+
+
+def test_grid_and_kaplan_generators(base):
+    assert [r.name for r in sweeps.grid(base, [1e6, 4e6], [2e8, 5e8])] == [
+        "grid_N1M_D200M", "grid_N1M_D500M", "grid_N4M_D200M", "grid_N4M_D500M"]
+    runs = sweeps.kaplan(base, [1e6, 4e6], tokens=2e8)
+    assert [r.name for r in runs] == ["kaplan_N1M", "kaplan_N4M"] and runs[0].tokens == runs[1].tokens
+
+
+def test_kaplan_power_laws_recover_known_exponents():
+    rng = np.random.default_rng(0)
+    n = np.geomspace(1e5, 1e9, 12)
+    loss_n = (8.8e13 / n) ** 0.076 * np.exp(rng.normal(0, 0.002, n.size))
+    # Undertrained runs of the same sizes lie above the frontier and must not bias the fit.
+    law = kaplan.fit_loss_vs_params(np.concatenate([n, n]), np.concatenate([loss_n, loss_n * 1.3]))
+    assert abs(law.exponent - 0.076) < 0.004 and abs(math.log10(law.scale) - math.log10(8.8e13)) < 0.5
+    d = np.geomspace(1e7, 1e11, 12)
+    law_d = kaplan.fit_loss_vs_tokens(d, (5.4e13 / d) ** 0.095 * np.exp(rng.normal(0, 0.002, d.size)))
+    assert abs(law_d.exponent - 0.095) < 0.004
+    c = np.geomspace(1e15, 1e21, 12)
+    law_c = kaplan.fit_loss_vs_compute(c, (3.1e8 * 8.64e19 / c) ** 0.050 * np.exp(rng.normal(0, 0.002, c.size)))
+    assert abs(law_c.exponent - 0.050) < 0.004
+    print(f"\nKaplan recovered: alpha_N {law.exponent:.4f} (0.076), alpha_D {law_d.exponent:.4f} (0.095), "
+          f"alpha_C {law_c.exponent:.4f} (0.050)")
+
+
+def test_approach2_recovers_known_exponents_from_isoflop_curves():
+    """The true optimum of E + A/N^a + B/D^b at 6ND = C grows as N ~ C^(b/(a+b)), D ~ C^(a/(a+b))."""
+    rng = np.random.default_rng(1)
+    budgets, n_all, losses = [], [], []
+    for c in np.geomspace(1e18, 1e22, 5):
+        n_star = 0.6 * (c / 6) ** (TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"]))
+        n = n_star * np.geomspace(1 / 4, 4, 9)
+        budgets += [c] * n.size
+        n_all += list(n)
+        losses += list(true_loss(n, c / (6 * n)) * np.exp(rng.normal(0, 0.001, n.size)))
+    fit = chinchilla.fit_isoflop(budgets, n_all, losses)
+    a_true = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
+    print(f"\napproach 2: a={fit.n_law.exponent:.4f} (true {a_true:.4f}), b={fit.d_law.exponent:.4f} (true {1 - a_true:.4f})")
+    assert abs(fit.n_law.exponent - a_true) < 0.02
+    assert abs(fit.d_law.exponent - (1 - a_true)) < 0.02
+    assert abs(fit.n_law.exponent + fit.d_law.exponent - 1) < 1e-9  # D = C / 6N exactly
+
+
+def test_approach2_rejects_a_budget_whose_loss_is_not_convex_in_n():
+    n = np.array([1e6, 2e6, 4e6])
+    with pytest.raises(ValueError, match="C=1e.16: loss is not convex"):
+        chinchilla.fit_isoflop([1e15] * 3 + [1e16] * 3, np.concatenate([n, n]), [3.0, 2.9, 2.85, 2.6, 2.55, 2.3])
+
+
+def test_approach3_recovers_known_law_from_4500_starts():
+    rng = np.random.default_rng(0)
+    n = np.repeat(np.geomspace(1e7, 1e10, 8), 8)
+    d = np.tile(np.geomspace(1e9, 1e12, 8), 8)
+    loss = true_loss(n, d) * np.exp(rng.normal(0, 0.003, n.size))
+    fit = chinchilla.fit_parametric(n, d, loss, bootstrap=30)
+    print(f"\napproach 3: {fit.num_starts} starts in {fit.fit_time_s:.1f}s (compile included); "
+          + ", ".join(f"{k} {getattr(fit, k):.4g} (true {v})" for k, v in TRUE.items()))
+    print("bootstrap 90% intervals: " + ", ".join(f"{k} [{lo:.4g}, {hi:.4g}]" for k, (lo, hi) in fit.intervals.items()))
+    assert fit.num_starts == 4500
+    assert fit.fit_time_s < 60
+    assert abs(fit.E - TRUE["E"]) < 0.05
+    assert abs(fit.alpha - TRUE["alpha"]) < 0.02 and abs(fit.beta - TRUE["beta"]) < 0.02
+    assert abs(math.log(fit.A / TRUE["A"])) < 0.25 and abs(math.log(fit.B / TRUE["B"])) < 0.25
+    for name in TRUE:
+        lo, hi = fit.intervals[name]
+        assert lo <= getattr(fit, name) <= hi
+    # compute_optimal spends exactly C and sits at the minimum along the IsoFLOP line.
+    c = 1e21
+    n_opt, d_opt = fit.compute_optimal(c)
+    assert math.isclose(6 * n_opt * d_opt, c, rel_tol=1e-9)
+    ns = n_opt * np.geomspace(0.5, 2, 41)
+    assert np.argmin(fit.predict(ns, c / (6 * ns))) == 20
+    assert math.isclose(fit.tokens_per_param(c), d_opt / n_opt)
+
+
+def test_approach3_needs_more_runs_than_parameters():
+    with pytest.raises(ValueError, match="needs more than 5 runs"):
+        chinchilla.fit_parametric([1e6, 2e6], [1e8, 1e8], [3.0, 2.9])
