@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = collect.collect(args.sweep_dir)
     collect.write(rows, args.sweep_dir)
+    left_out = [r["name"] for r in rows if r not in usable(rows)]
+    if left_out:
+        print(f"note: {len(left_out)} run(s) left out (no summary.json, unfinished or no val loss): {', '.join(left_out)}")
     if len(usable(rows)) < 2:
         print(f"error: {len(usable(rows))} finished runs with a val loss in {args.sweep_dir}; nothing to fit", file=sys.stderr)
         return 1

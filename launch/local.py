@@ -8,6 +8,7 @@ checkpoint. Each run's console output goes to `<workdir>/train.log`.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -19,9 +20,9 @@ from lmjax.scaling.sweeps import REPO_ROOT, Run, Sweep
 LOG = "train.log"
 
 
-def command(sweep: Sweep, run: Run, sweep_dir: str) -> list[str]:
-    """The argv of one run."""
-    return [sys.executable, "-m", "lmjax.main", *sweep.config_flags(run), f"--workdir={os.path.join(sweep_dir, run.name)}"]
+def command(sweep: Sweep, run: Run, sweep_dir: str, main: str = "lmjax.main") -> list[str]:
+    """The argv of one run (`main` is the module to run: tests swap in a stand-in trainer)."""
+    return [sys.executable, "-m", main, *sweep.config_flags(run), f"--workdir={os.path.join(sweep_dir, run.name)}"]
 
 
 @dataclass
@@ -40,13 +41,15 @@ def _describe(summary: dict | None) -> str:
     return f" (val_loss {loss:.4f})" if isinstance(loss, (int, float)) else ""
 
 
-def run_sweep(sweep: Sweep, sweep_dir: str, parallel: int = 1, dry_run: bool = False) -> list[str]:
+def run_sweep(sweep: Sweep, sweep_dir: str, parallel: int = 1, dry_run: bool = False,
+              main: str = "lmjax.main") -> list[str]:
     """Run every unfinished run, `parallel` at a time; returns the names of the runs that failed."""
+    sweep_dir = os.path.abspath(sweep_dir)  # the runs start in the repo root, wherever we are
     total, failed, pending, active = len(sweep.runs), [], [], []
     for i, run in enumerate(sweep.runs, 1):
         workdir = os.path.join(sweep_dir, run.name)
         if dry_run:
-            print(" ".join(command(sweep, run, sweep_dir)))
+            print(shlex.join(command(sweep, run, sweep_dir, main)))
         elif status.is_finished(workdir):
             print(f"[{i}/{total}] {run.name}: finished already, skipped{_describe(status.read_summary(workdir))}", flush=True)
         else:
@@ -59,7 +62,7 @@ def run_sweep(sweep: Sweep, sweep_dir: str, parallel: int = 1, dry_run: bool = F
             verb = "resuming" if any(name != LOG for name in os.listdir(workdir)) else "starting"
             log = open(os.path.join(workdir, LOG), "a")
             print(f"[{i}/{total}] {run.name}: {verb} ({run.n_params:,} params, {run.tokens:,} tokens)", flush=True)
-            process = subprocess.Popen(command(sweep, run, sweep_dir), cwd=REPO_ROOT, stdout=log,
+            process = subprocess.Popen(command(sweep, run, sweep_dir, main), cwd=REPO_ROOT, stdout=log,
                                        stderr=subprocess.STDOUT)
             active.append(_Job(i, run, process, time.time(), log))
         time.sleep(0.2)

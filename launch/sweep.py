@@ -34,7 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--project", default=os.environ.get("CLOUDSDK_CORE_PROJECT", "<PROJECT>"))
     g.add_argument("--zone", default=os.environ.get("CLOUDSDK_COMPUTE_ZONE", "<ZONE>"))
     g.add_argument("--accelerator_type", default=tpu_vm.TpuOptions.accelerator_type, help="e.g. v5litepod-16, v4-32")
-    g.add_argument("--runtime_version", default=tpu_vm.TpuOptions.runtime_version)
+    g.add_argument("--runtime_version", default=tpu_vm.TpuOptions.runtime_version,
+                   help="TPU VM software version; auto picks one per TPU generation")
     g.add_argument("--spot", action=argparse.BooleanOptionalAction, default=True, help="spot (preemptible) capacity")
     g.add_argument("--repo_url", default=tpu_vm.TpuOptions.repo_url, help="git URL of lmjax for the workers")
     g.add_argument("--poll_seconds", type=float, default=tpu_vm.TpuOptions.poll_seconds)

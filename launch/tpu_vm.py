@@ -1,7 +1,8 @@
 """The tpu-vm backend: one Cloud TPU VM slice per run, driven entirely through `gcloud`.
 
-Per run: skip it if its gs:// workdir already holds a completed summary.json; otherwise request a
-slice as a queued resource (spot capacity if asked), wait until it is ACTIVE, install lmjax on every
+Per run: skip it if its gs:// workdir already holds a completed summary.json; otherwise reuse its
+slice if one is up (a launcher interrupted and run again) or request one as a queued resource (spot
+capacity if asked), wait until it is ACTIVE, install lmjax on every
 worker and start `python -m lmjax.main` on all of them at once with `tpu-vm ssh --worker=all` (JAX
 finds the other hosts by itself), then delete the slice. Workdirs live on gs://, so when a spot slice
 is preempted the run is re-queued on a new slice and the trainer resumes from its last checkpoint.
@@ -25,6 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from lmjax.scaling.sweeps import Run, Sweep, load_config
 
 ACTIVE = "ACTIVE"
+# TPU VM software versions per generation (Cloud TPU docs), used when --runtime_version=auto.
+RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite", "v5e": "v2-alpha-tpuv5-lite",
+            "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 # Queued-resource / node states after which the slice is gone and the run must be queued again.
 LOST = ("PREEMPTED", "SUSPENDING", "SUSPENDED", "FAILED", "TERMINATED")
 
@@ -34,7 +38,7 @@ class TpuOptions:
     project: str = "<PROJECT>"
     zone: str = "<ZONE>"
     accelerator_type: str = "v5litepod-16"
-    runtime_version: str = "v2-alpha-tpuv5-lite"
+    runtime_version: str = "auto"  # auto: RUNTIMES by the accelerator's generation
     spot: bool = True
     sweep_dir: str = "gs://<BUCKET>/sweeps"  # runs write to <sweep_dir>/<run name>
     repo_url: str = "<REPO_URL>"  # git URL of lmjax cloned on every worker
@@ -45,6 +49,15 @@ class TpuOptions:
     def missing(self) -> list[str]:
         """The options still holding placeholders: a real launch refuses to start with any."""
         return [f.name for f in dataclasses.fields(self) if "<" in str(getattr(self, f.name))]
+
+
+def runtime_version(opts: TpuOptions, accelerator: str) -> str:
+    if opts.runtime_version != "auto":
+        return opts.runtime_version
+    generation = accelerator.rsplit("-", 1)[0]
+    if generation not in RUNTIMES:
+        raise ValueError(f"no default runtime for accelerator type {accelerator!r}; pass --runtime_version")
+    return RUNTIMES[generation]
 
 
 def node_name(sweep: Sweep, run: Run) -> str:
@@ -69,13 +82,15 @@ def train_command(opts: TpuOptions, sweep: Sweep, run: Run) -> str:
     return f"cd ~/lmjax && {shlex.join([opts.python, '-m', 'lmjax.main', *flags])}"
 
 
-def gcloud_argv(action: str, opts: TpuOptions, node: str = "", command: str = "", path: str = "") -> list[str]:
+def gcloud_argv(action: str, opts: TpuOptions, node: str = "", command: str = "", path: str = "",
+                accelerator: str | None = None) -> list[str]:
     """The argv of one gcloud call. action: create | state | ssh | delete | cat."""
     where = [f"--project={opts.project}", f"--zone={opts.zone}"]
     qr = ["gcloud", "compute", "tpus", "queued-resources"]
     if action == "create":
-        return qr + ["create", node, f"--node-id={node}", *where, f"--accelerator-type={opts.accelerator_type}",
-                     f"--runtime-version={opts.runtime_version}"] + (["--spot"] if opts.spot else [])
+        accelerator = accelerator or opts.accelerator_type
+        return qr + ["create", node, f"--node-id={node}", *where, f"--accelerator-type={accelerator}",
+                     f"--runtime-version={runtime_version(opts, accelerator)}"] + (["--spot"] if opts.spot else [])
     if action == "state":
         return qr + ["describe", node, *where, "--format=value(state.state)"]
     if action == "ssh":
@@ -93,6 +108,7 @@ def _gcloud(argv: list[str], capture: bool = False) -> subprocess.CompletedProce
 
 
 def _state(opts: TpuOptions, node: str) -> str:
+    """The queued resource's state; UNKNOWN when gcloud cannot describe it (it does not exist)."""
     result = _gcloud(gcloud_argv("state", opts, node), capture=True)
     return result.stdout.strip().upper() if result.returncode == 0 else "UNKNOWN"
 
@@ -122,12 +138,19 @@ def run_one(sweep: Sweep, run: Run, opts: TpuOptions) -> bool:
         print(f"{run.name}: finished already, skipped", flush=True)
         return True
     node = node_name(sweep, run)
+    state = _state(opts, node)  # a slice left by an interrupted launcher is reused
     try:
         for attempt in range(1, opts.max_attempts + 1):
-            print(f"{run.name}: requesting {opts.accelerator_type} as {node} (attempt {attempt})", flush=True)
-            if _gcloud(gcloud_argv("create", opts, node)).returncode != 0:
-                print(f"{run.name}: queued-resources create failed", flush=True)
-                return False
+            if state in LOST:
+                _gcloud(gcloud_argv("delete", opts, node))
+            if state == "UNKNOWN" or state in LOST:
+                print(f"{run.name}: requesting {run.accelerator or opts.accelerator_type} as {node} "
+                      f"(attempt {attempt})", flush=True)
+                if _gcloud(gcloud_argv("create", opts, node, accelerator=run.accelerator)).returncode != 0:
+                    print(f"{run.name}: queued-resources create failed", flush=True)
+                    return False
+            else:
+                print(f"{run.name}: reusing {node} (state {state})", flush=True)
             state = _wait_active(opts, node)
             if state == ACTIVE:
                 ok = (_gcloud(gcloud_argv("ssh", opts, node, install_command(opts))).returncode == 0
@@ -139,7 +162,6 @@ def run_one(sweep: Sweep, run: Run, opts: TpuOptions) -> bool:
                     print(f"{run.name}: failed on a healthy slice (state {state}); not retrying", flush=True)
                     return False
             print(f"{run.name}: slice {state}; re-queueing (training resumes from its checkpoint)", flush=True)
-            _gcloud(gcloud_argv("delete", opts, node))
         print(f"{run.name}: gave up after {opts.max_attempts} slices", flush=True)
         return False
     finally:
@@ -147,17 +169,19 @@ def run_one(sweep: Sweep, run: Run, opts: TpuOptions) -> bool:
 
 
 def preflight(sweep: Sweep, run: Run, opts: TpuOptions) -> str | None:
-    """None if the run's config compiles and fits on the slice, else the reason (lmjax.aot)."""
-    from lmjax.aot import check_fits  # needs the [tpu] extra; imported only when asked for
+    """None if the run's config compiles and fits on the slice, else the reason (lmjax.aot).
 
-    config = load_config(sweep.base_config, {**sweep.overrides, **run.overrides})
-    report = check_fits(config, topology_name(opts.accelerator_type), num_slices=1)
+    Raises ValueError when the check itself cannot run (no libtpu: the [tpu] extra is missing).
+    """
+    accelerator = run.accelerator or opts.accelerator_type
+    try:
+        from lmjax.aot import check_fits  # needs the [tpu] extra; imported only when asked for
+
+        config = load_config(sweep.base_config, {**sweep.overrides, **run.overrides})
+        report = check_fits(config, accelerator, num_slices=1)
+    except (ImportError, RuntimeError) as e:
+        raise ValueError(f"--preflight could not compile {run.name} for {accelerator}: {e}") from None
     return None if report.fits else report.message
-
-
-def topology_name(accelerator_type: str) -> str:
-    """gcloud's accelerator type -> lmjax.aot's slice name ('v5litepod-16' -> 'v5e-16')."""
-    return accelerator_type.replace("v5litepod-", "v5e-")
 
 
 def print_dry_run(sweep: Sweep, opts: TpuOptions) -> None:
@@ -165,7 +189,8 @@ def print_dry_run(sweep: Sweep, opts: TpuOptions) -> None:
         node = node_name(sweep, run)
         print(f"# {run.name}")
         for argv in (gcloud_argv("cat", opts, path=f"{workdir(opts, run)}/summary.json"),
-                     gcloud_argv("create", opts, node), gcloud_argv("state", opts, node),
+                     gcloud_argv("state", opts, node), gcloud_argv("create", opts, node, accelerator=run.accelerator),
+                     gcloud_argv("state", opts, node),
                      gcloud_argv("ssh", opts, node, install_command(opts)),
                      gcloud_argv("ssh", opts, node, train_command(opts, sweep, run)),
                      gcloud_argv("delete", opts, node)):

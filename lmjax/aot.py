@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import re
 import sys
 import time
@@ -68,16 +69,22 @@ class Report:
     def table(self) -> str:
         gib = lambda b: "-" if b is None else f"{b / hardware.GiB:8.3f} GiB"
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
-        rows = [
-            f"slice        {self.topology} x {self.num_slices} slice(s), {self.num_devices} devices, mesh {mesh}",
-            f"arguments    {gib(self.argument_bytes)}   (train state {gib(self.state_bytes)} + batch)",
-            f"outputs      {gib(self.output_bytes)}   ({gib(self.alias_bytes)} of them in donated buffers)",
-            f"temporaries  {gib(self.temp_bytes)}",
-            f"code         {gib(self.code_bytes)}",
-            f"total        {gib(self.total_bytes)}   of {gib(self.hbm_bytes)} HBM per chip",
-            "collectives  " + ", ".join(f"{k} {v}" for k, v in self.collectives.items())
-            + "   (static count in the HLO; a loop body counts once)",
-            f"compile      {'-' if self.compile_seconds is None else f'{self.compile_seconds:.1f} s'}",
+        rows = [f"slice        {self.topology} x {self.num_slices} slice(s), {self.num_devices} devices, mesh {mesh}"]
+        if self.argument_bytes is None:
+            rows.append(f"train state  {gib(self.state_bytes)} per chip   (not compiled)")
+        else:
+            rows += [
+                f"arguments    {gib(self.argument_bytes)}   (train state {gib(self.state_bytes)} + batch)",
+                f"outputs      {gib(self.output_bytes)}   ({gib(self.alias_bytes)} of them in donated buffers)",
+                f"temporaries  {gib(self.temp_bytes)}",
+                f"code         {gib(self.code_bytes)}",
+                f"total        {gib(self.total_bytes)}   of {gib(self.hbm_bytes)} HBM per chip",
+                "collectives  " + ", ".join(f"{k} {v}" for k, v in self.collectives.items())
+                + "   (static count in the HLO; a loop body counts once)",
+            ]
+        if self.compile_seconds is not None:
+            rows.append(f"compile      {self.compile_seconds:.1f} s")
+        rows += [
             f"FLOPs/step   {self.flops_per_step:.3e}   -> {self.step_seconds_at_50pct_mfu * 1e3:.1f} ms/step at 50% MFU",
             f"verdict      {'FITS' if self.fits else 'DOES NOT FIT'}: {self.message}",
         ]
@@ -87,6 +94,10 @@ class Report:
 def topology_devices(topology: str, num_slices: int = 1) -> tuple[hardware.TpuSlice, list[Any]]:
     """The named slice and its compile-only devices (all slices' devices when num_slices > 1)."""
     tpu_slice = hardware.get_slice(topology)
+    # libtpu takes /tmp/libtpu_lockfile so that two processes never drive the same chips; compile-only
+    # devices drive none, and without this a second compiling process (pytest workers, a preflight
+    # next to a test run, a lockfile left by a killed run) fails with "ABORTED ... lockfile".
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
 
@@ -135,8 +146,8 @@ def check_fits(config: Any, topology: str, num_slices: int = 1) -> Report:
     """Compiles the train step of `config` for `num_slices` slices of `topology` (e.g. "v5e-16").
 
     Never raises for a config problem: a mesh that does not divide a dimension, or a step that
-    does not fit in HBM, comes back as `Report(fits=False, message=...)`. Raises RuntimeError only
-    when TPU topologies are unavailable (no libtpu).
+    does not fit in HBM, comes back as `Report(fits=False, message=...)`. Raises ValueError for an
+    unknown slice name and RuntimeError when TPU topologies are unavailable (no libtpu).
     """
     config = _with_vocab(config)
     config.mesh.num_slices = int(num_slices)
@@ -208,8 +219,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import os
-
     # Compile-only TPU devices need libtpu but no TPU; keep JAX itself off any local accelerator.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from absl import app, flags

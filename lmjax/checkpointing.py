@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 CHECKPOINT_SUBDIR = "checkpoints"
 CORRUPT_SUBDIR = "corrupt_checkpoints"
@@ -109,6 +110,14 @@ def restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> Rest
     return Restored(step=step, state=items["state"], data_state=items["data"], config=items["config"])
 
 
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict | None:
+    """The config stored with `step` (without loading its arrays), or None if it cannot be read."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except Exception:  # noqa: BLE001 - restore_latest reports unreadable steps
+        return None
+
+
 def restore_latest(manager: ocp.CheckpointManager, target: Any, *, move_corrupt: bool = True) -> Restored | None:
     """The newest checkpoint that loads onto `target` (abstract state), or None if there is none.
 
@@ -147,7 +156,5 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
         destination.parent.mkdir(parents=True, exist_ok=True)
         source.rename(destination)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(f"lmjax_move_corrupt_{step}")
     return str(destination)

@@ -109,6 +109,12 @@ def default_config() -> config_dict.ConfigDict:
     o.warmup_steps = 100  # linear warmup from 0
     o.min_lr_ratio = 0.1  # final lr / peak lr (cosine, linear, wsd)
     o.decay_fraction = 0.2  # wsd: share of steps in the final decay
+    # wsd: extra token budgets one run reports, as steps < train.steps (empty: none). For each s the
+    # trainer decays a branch off the stable phase (the last decay_fraction * s steps of a length-s
+    # run), evaluates it, appends {"step": s, "tokens": s * batch * seq_len, "val_loss": ...} to
+    # summary.json's "wsd_points", and continues the main run undecayed. launch.collect makes each
+    # point a row of its own. Optional: trainers that ignore it just report the final budget.
+    o.wsd_decay_points = ()
     o.weight_decay = 0.1  # decoupled weight decay (not on biases or norm scales)
     o.decay_embeddings = True  # apply weight decay to embedding tables too
     o.b1 = 0.9  # Adam/Lion beta1 (SGD momentum)

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 from ml_collections import config_dict
 
@@ -52,6 +53,9 @@ CHOICES = {
     "optim.name": ("adamw", "adafactor", "lion", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
 }
+# Model keys that change how the parameters are used, not what they are: free to differ from the
+# checkpoint's (e.g. evaluate in bfloat16 a model trained in float32).
+RUNTIME_MODEL_KEYS = ("dropout", "dtype", "attention", "remat")
 AT_LEAST_ONE = (
     "model.num_layers", "model.embed_dim", "model.num_heads", "model.num_kv_heads", "model.max_len",
     "data.seq_len", "train.steps", "train.batch_size", "train.microbatches", "train.log_every",
@@ -119,6 +123,15 @@ def _pin_tokenizer(config: config_dict.ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, TOKENIZER_FILE)
     if config.data.tokenizer == "sentencepiece" and not config.data.tokenizer_path and os.path.isfile(path):
         config.data.tokenizer_path = path
+
+
+def _preempted(sigterm: list[bool], step: int) -> bool:
+    """Whether to save and stop after `step`. One process: our SIGTERM flag (read once, so a signal
+    arriving later waits for the next step). Several: JAX's preemption sync point, which makes all
+    hosts agree on the same step although each receives the signal at a different moment."""
+    if jax.process_count() == 1:
+        return sigterm[0]
+    return multihost_utils.reached_preemption_sync_point(step)
 
 
 @contextlib.contextmanager
@@ -217,13 +230,16 @@ class Setup:
             manager.close()
 
     def check_same_model(self, manager: Any, step: int) -> None:
-        try:
-            saved = manager.restore(step, args=checkpointing.ocp.args.Composite(
-                config=checkpointing.ocp.args.JsonRestore()))["config"]["model"]
-        except Exception:  # noqa: BLE001 - an unreadable step is handled by restore_latest
-            return
+        """A clear error instead of orbax's shape mismatch when the config describes another model."""
+        saved = checkpointing.saved_config(manager, step)
+        if saved is None:
+            return  # unreadable: restore_latest reports it
         current = config_json(self.config)["model"]
-        diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in current.items() if saved.get(k) != v]
+        diffs = [
+            f"model.{key}: checkpoint {saved['model'].get(key)!r}, config {value!r}"
+            for key, value in current.items()
+            if key not in RUNTIME_MODEL_KEYS and saved["model"].get(key) != value
+        ]
         if diffs:
             raise ValueError(f"the checkpoint in {manager.directory} holds a different model: " + "; ".join(diffs))
 
@@ -270,7 +286,6 @@ def train(config: config_dict.ConfigDict, workdir: str) -> dict:
     total = int(config.train.steps)
     tokens_per_step = int(config.train.batch_size) * int(config.data.seq_len)
     flops_per_token = model.flops_per_token(config.model, int(config.data.seq_len))
-
     train_data = data.make_pipeline(config.data, tokenizer, "train", config.train.batch_size, seed=config.train.seed)
     val_batches, bytes_per_token = eval_batches(config, tokenizer)
     train_step = train_lib.make_train_step(config, setup.model, mesh, setup.state_shardings)
@@ -291,41 +306,34 @@ def train(config: config_dict.ConfigDict, workdir: str) -> dict:
         print(f"resumed from checkpoint step {start_step} in {workdir}", flush=True)
     if start_step >= total:
         print(f"{workdir} is already trained to step {start_step} (train.steps={total}); nothing to do")
-        summary_path = os.path.join(workdir, metrics.SUMMARY_FILE)
-        if not os.path.exists(summary_path):
-            return {}
-        with open(summary_path) as f:
-            return json.load(f)
-
+        return _read_summary(workdir)
     manager = checkpointing.make_manager(workdir, config.checkpoint)
     writer = metrics.MetricsWriter(workdir, start_step, enabled=is_main)
     if is_main:
-        n_params = model.param_count(config.model)
-        print(f"{config.name}: {n_params:,} parameters, vocab {config.model.vocab_size}, "
-              f"{tokens_per_step:,} tokens/step, steps {start_step}->{total}, {len(jax.devices())} {jax.devices()[0].platform} device(s)", flush=True)
+        print(f"{config.name}: {model.param_count(config.model):,} parameters, vocab {config.model.vocab_size}, "
+              f"{tokens_per_step:,} tokens/step, steps {start_step}->{total}, "
+              f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
 
     def wall_time() -> float:
         return previous_wall + time.time() - wall_start
 
-    def save(step: int) -> None:
-        if not bool(all_finite):
-            raise_non_finite(step)
-        checkpointing.save(manager, step, state, config=config_json(config),
-                           data_state={"pipeline": train_data.get_state(), "wall_time_s": wall_time()})
-
-    def raise_non_finite(step: int) -> None:
+    def check_finite(step: int) -> None:
+        """Raise if any step since the last check had a NaN/inf loss or gradient (never save those)."""
+        if bool(all_finite):
+            return
         manager.wait_until_finished()
-        last = manager.latest_step()
-        where = f"the last good checkpoint is step {last} in {checkpointing.checkpoint_dir(workdir)}" if last is not None else "no checkpoint was written"
+        good = manager.latest_step()
         writer.close()
+        kept = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was written"
         raise NonFiniteLossError(
-            f"the training loss became NaN/inf between step {last_checked + 1} and step {step}; "
-            f"stopping ({where}). Lower optim.lr, raise optim.warmup_steps or set optim.clip."
+            f"the training loss became NaN/inf between step {checked + 1} and step {step}; stopping "
+            f"({kept} in {checkpointing.checkpoint_dir(workdir)}). Lower optim.lr, raise optim.warmup_steps "
+            "or set optim.clip."
         )
 
-    step, last, last_val, samples = start_step, {}, {}, []
-    all_finite, last_checked = jnp.bool_(True), start_step
-    timer_step, timer_start, steady_rate = step, None, None
+    step, checked, last_log, last_eval, samples = start_step, start_step, {}, {}, []
+    all_finite = jnp.bool_(True)  # ANDed on device every step: checking costs no sync per step
+    timer_step, timer_start, steps_per_sec = step, None, None
     with _stop_on_sigterm() as sigterm:
         while step < total:
             batch = sharding.shard_batch(next(train_data), mesh, rules)
@@ -335,63 +343,71 @@ def train(config: config_dict.ConfigDict, workdir: str) -> dict:
             if timer_start is None:  # the first step compiles: time the steady state from here on
                 jax.block_until_ready(step_metrics)
                 timer_step, timer_start = step, time.time()
-                print(f"compiled and ran the first step in {timer_start - wall_start:.1f}s since start", flush=True)
+                print(f"first step (compilation included) done {timer_start - wall_start:.1f}s after start", flush=True)
+
             do_eval = step % config.eval.every_steps == 0 or step == total
             if do_eval or step % config.train.log_every == 0:
-                if not bool(all_finite):
-                    raise_non_finite(step)
-                last_checked = step
-                record = {k: float(step_metrics[k]) for k in ("loss", "lr", "grad_norm")}
-                now = time.time()
+                check_finite(step)
+                checked = step
                 if step > timer_step:
-                    steady_rate = (step - timer_step) / (now - timer_start)
-                rate = steady_rate * tokens_per_step if steady_rate else None
-                record["tokens_per_sec"] = rate
-                record["mfu"] = train_lib.mfu(rate, flops_per_token) if rate else None
+                    steps_per_sec = (step - timer_step) / (time.time() - timer_start)
+                record = {key: float(step_metrics[key]) for key in ("loss", "lr", "grad_norm")}
+                record["tokens_per_sec"] = steps_per_sec * tokens_per_step if steps_per_sec else None
+                record["mfu"] = train_lib.mfu(record["tokens_per_sec"], flops_per_token) if steps_per_sec else None
                 if do_eval:
-                    last_val = evaluate_params(eval_step, state.params, val_batches, bytes_per_token, mesh, rules)
-                    record.update(last_val)
+                    last_eval = evaluate_params(eval_step, state.params, val_batches, bytes_per_token, mesh, rules)
+                    record.update(last_eval)
                 writer.write(step, record)
-                eta = (total - step) / steady_rate if steady_rate else None
                 if is_main:
+                    eta = (total - step) / steps_per_sec if steps_per_sec else None
                     print(metrics.format_progress(step, total, record, wall_time(), eta), flush=True)
                 if do_eval and config.eval.num_samples:
                     samples = log_samples(config, state.params, tokenizer, writer, step)
-                last = record
-                timer_step, timer_start = step, time.time()
-            if step % config.checkpoint.every_steps == 0 or step == total or sigterm[0]:
-                save(step)
-            if sigterm[0]:
+                last_log = record
+                timer_step, timer_start = step, time.time()  # evaluation time is not training time
+
+            preempted = _preempted(sigterm, step)
+            if preempted or step % config.checkpoint.every_steps == 0 or step == total:
+                check_finite(step)
+                checkpointing.save(manager, step, state, config=config_json(config),
+                                   data_state={"pipeline": train_data.get_state(), "wall_time_s": wall_time()})
+                timer_step, timer_start = step, time.time()  # nor is the (blocking part of) saving
+            if preempted:
                 print(f"SIGTERM: saved a checkpoint at step {step}; exiting", flush=True)
                 break
     manager.wait_until_finished()
     manager.close()
     writer.close()
 
-    completed = step >= total
     summary = {
         "name": config.name,
         "param_count": model.param_count(config.model),
         "non_embedding_params": model.param_count(config.model, non_embedding=True),
         "tokens_seen": step * tokens_per_step,
         "train_flops": step * tokens_per_step * flops_per_token,
-        "final_train_loss": last.get("loss"),
-        "final_val_loss": last_val.get("val_loss"),
-        "final_val_ppl": last_val.get("val_ppl"),
-        "final_val_bpb": last_val.get("val_bpb"),
+        "final_train_loss": last_log.get("loss"),
+        "final_val_loss": last_eval.get("val_loss"),
+        "final_val_ppl": last_eval.get("val_ppl"),
+        "final_val_bpb": last_eval.get("val_bpb"),
+        "unigram_entropy": unigram_entropy(config, tokenizer) if step >= total else None,
+        "sample": samples[0] if samples else None,
         "wall_time_s": wall_time(),
         "steps": step,
-        "completed": completed,
+        "completed": step >= total,
         "config": config_json(config),
     }
-    if completed:
-        summary["unigram_entropy"] = unigram_entropy(config, tokenizer)
-    if samples:
-        summary["sample"] = samples[0]
     if is_main:
         metrics.write_summary(workdir, summary)
         print(final_report(summary), flush=True)
     return summary
+
+
+def _read_summary(workdir: str) -> dict:
+    path = os.path.join(workdir, metrics.SUMMARY_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def log_samples(config: config_dict.ConfigDict, params: Any, tokenizer: data.Tokenizer,
@@ -416,9 +432,9 @@ def final_report(summary: dict) -> str:
     if summary.get("final_val_loss") is not None:
         lines.append(f"final val loss {summary['final_val_loss']:.4f} nats/token "
                      f"(ppl {summary['final_val_ppl']:.2f}, {summary['final_val_bpb']:.3f} bits/byte)")
-    if "unigram_entropy" in summary:
+    if summary.get("unigram_entropy") is not None:
         lines.append(f"unigram baseline {summary['unigram_entropy']:.4f} nats/token "
                      "(entropy of the train split's token frequencies)")
-    if "sample" in summary:
+    if summary.get("sample") is not None:
         lines.append("sample:\n" + summary["sample"])
     return "\n".join(lines)

@@ -9,49 +9,66 @@ import pytest
 from ml_collections import FrozenConfigDict
 
 from lmjax.model import decoding, generate
-from test_model import POSITIONS, forward, init, random_tokens, tiny_cfg
+from test_model import FAST_COMPILE, POSITIONS, forward, init, random_tokens, tiny_cfg
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _prefill(frozen_cfg, params, cache, tokens, positions, segment_ids):
-    return decoding.prefill(frozen_cfg, params, cache, tokens, positions, segment_ids)
+def left_pad(rows):
+    """Prompts of different lengths, left-padded: padding has segment 0, positions start at 0."""
+    P = max(len(r) for r in rows)
+    tokens, positions, segment_ids = (np.zeros((len(rows), P), np.int32) for _ in range(3))
+    for i, r in enumerate(rows):
+        tokens[i, P - len(r):] = r
+        positions[i, P - len(r):] = np.arange(len(r))
+        segment_ids[i, P - len(r):] = 1
+    return tokens, positions, segment_ids
 
 
-def cached_logits(cfg, params, tokens, positions, segment_ids, prefill_len, cache_len=16):
-    """Prefill the first `prefill_len` columns (in two chunks), then decode the rest one at a time."""
-    B, T = tokens.shape
-    cache = decoding.init_cache(cfg, B, cache_len)
-    split = prefill_len // 2
+@functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=FAST_COMPILE)
+def _cached_logits(frozen_cfg, prefill_chunks, params, tokens, positions, segment_ids, continuation):
+    """Prefill the left-padded prompts (in `prefill_chunks` pieces), then feed `continuation` one
+    token per step through decode_step. Returns the logits of every slot and step, and the index."""
+    B, P = tokens.shape
+    steps = continuation.shape[1]
+    cache = decoding.init_cache(frozen_cfg, B, P + steps)
+    bounds = np.linspace(0, P, prefill_chunks + 1).astype(int)
     out = []
-    for lo, hi in ((0, split), (split, prefill_len)):
-        logits, cache = _prefill(
-            FrozenConfigDict(cfg), params, cache, tokens[:, lo:hi], positions[:, lo:hi], segment_ids[:, lo:hi]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        logits, cache = decoding.prefill(
+            frozen_cfg, params, cache, tokens[:, lo:hi], positions[:, lo:hi], segment_ids[:, lo:hi]
         )
         out.append(logits)
-    for t in range(prefill_len, T):
-        logits, cache = _prefill(
-            FrozenConfigDict(cfg), params, cache, tokens[:, t:t + 1], positions[:, t:t + 1], segment_ids[:, t:t + 1]
-        )
-        out.append(logits)
-    assert int(cache["index"]) == T
-    return jnp.concatenate(out, axis=1)
+
+    def step(carry, token_B):
+        cache, position_B = carry
+        logits_BxV, cache = decoding.decode_step(frozen_cfg, params, cache, token_B, position_B)
+        return (cache, position_B + 1), logits_BxV
+
+    (cache, _), step_logits_TxBxV = jax.lax.scan(step, (cache, positions[:, -1] + 1), continuation.T)
+    return jnp.concatenate(out + [step_logits_TxBxV.transpose(1, 0, 2)], axis=1), cache["index"]
 
 
-def check_cached_matches_full(cfg, prefill_len=5, total=9):
+def check_cached_matches_full(cfg, lengths=(3, 7, 5), steps=3, prefill_chunks=1):
+    """Left-padded ragged batch through the cache == each row alone through the full forward."""
     params = init(cfg)
-    tokens = random_tokens(11, (2, total))
-    positions = jnp.broadcast_to(jnp.arange(total), (2, total))
-    ones = jnp.ones((2, total), jnp.int32)
-    np.testing.assert_allclose(
-        cached_logits(cfg, params, tokens, positions, ones, prefill_len),
-        forward(cfg, params, tokens),
-        atol=1e-5,
-        rtol=1e-5,
+    rows = [np.asarray(random_tokens(20 + i, (n + steps,))) for i, n in enumerate(lengths)]
+    tokens, positions, segment_ids = left_pad([r[:n] for r, n in zip(rows, lengths)])
+    continuation = np.stack([r[n:] for r, n in zip(rows, lengths)])
+    cached, index = _cached_logits(
+        FrozenConfigDict(cfg), prefill_chunks, params, tokens, positions, segment_ids, continuation
     )
+    assert int(index) == tokens.shape[1] + steps
+    # Each row alone, right-padded to a common length (causal: padding after a row cannot matter).
+    alone = np.zeros((len(rows), max(lengths) + steps), np.int32)
+    for i, r in enumerate(rows):
+        alone[i, : len(r)] = r
+    full = forward(cfg, params, jnp.asarray(alone))
+    P = tokens.shape[1]
+    for i, n in enumerate(lengths):
+        np.testing.assert_allclose(cached[i, P - n:], full[i, : n + steps], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("position", POSITIONS)
-def test_cached_decode_matches_full_forward_for_every_position_type(position):
+def test_cached_decode_matches_full_forward_on_ragged_batch_for_every_position_type(position):
     check_cached_matches_full(tiny_cfg(position=position))  # GQA: 4 query heads, 2 kv heads
 
 
@@ -63,39 +80,8 @@ def test_cached_decode_matches_full_forward_for_every_position_type(position):
     ],
 )
 def test_cached_decode_matches_full_forward_mqa_mha_scan_dot_product(overrides):
-    check_cached_matches_full(tiny_cfg(**overrides))
-
-
-def left_pad(rows):
-    P = max(len(r) for r in rows)
-    tokens = np.zeros((len(rows), P), np.int32)
-    positions = np.zeros((len(rows), P), np.int32)
-    segment_ids = np.zeros((len(rows), P), np.int32)
-    for i, r in enumerate(rows):
-        tokens[i, P - len(r):] = r
-        positions[i, P - len(r):] = np.arange(len(r))
-        segment_ids[i, P - len(r):] = 1
-    return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids)
-
-
-@pytest.mark.parametrize("position", ["learned", "rope", "alibi"])
-def test_ragged_batch_left_padded_decode_matches_each_prompt_alone(position):
-    cfg = tiny_cfg(position=position)
-    params = init(cfg)
-    lengths, steps = (3, 7, 5), 3
-    rows = [np.asarray(random_tokens(20 + i, (n + steps,)))[:] for i, n in enumerate(lengths)]
-    prompts = [r[:n] for r, n in zip(rows, lengths)]
-    tokens, positions, segment_ids = left_pad(prompts)
-    P = tokens.shape[1]
-    cont = jnp.asarray(np.stack([r[n:] for r, n in zip(rows, lengths)]))
-    cont_positions = jnp.asarray(np.array(lengths)[:, None] + np.arange(steps))
-    all_tokens = jnp.concatenate([tokens, cont], axis=1)
-    all_positions = jnp.concatenate([positions, cont_positions], axis=1)
-    all_segments = jnp.concatenate([segment_ids, jnp.ones((3, steps), jnp.int32)], axis=1)
-    logits = cached_logits(cfg, params, all_tokens, all_positions, all_segments, P, cache_len=P + steps)
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        alone = forward(cfg, params, jnp.asarray(row)[None])[0]
-        np.testing.assert_allclose(logits[i, P - n:], alone, atol=1e-5, rtol=1e-5)
+    """The second case also prefills in two chunks, the second into a non-empty cache."""
+    check_cached_matches_full(tiny_cfg(**overrides), prefill_chunks=1 + ("alibi" == overrides["position"]))
 
 
 def greedy_by_full_forward(cfg, params, prompt, steps):

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from launch import collect, sweep as sweep_cli, tpu_vm
+from launch import collect, local, sweep as sweep_cli, tpu_vm
 from lmjax.scaling import sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def _verbs(calls):
     return out
 
 
-ONE_RUN = ["cat", "create", "describe", "describe", "ssh-install", "ssh-train", "delete"]
+ONE_RUN = ["cat", "describe", "create", "describe", "describe", "ssh-install", "ssh-train", "delete"]
 
 
 def test_tpu_vm_creates_runs_on_all_workers_and_deletes_each_slice(gcloud):
@@ -54,7 +54,7 @@ def test_tpu_vm_creates_runs_on_all_workers_and_deletes_each_slice(gcloud):
     calls = gcloud()
     assert _verbs(calls) == ONE_RUN * 2
     sweep = sweeps.load_sweep(TINY)
-    for run, (cat, create, _, _, install, train, delete) in zip(sweep.runs, [calls[:7], calls[7:]]):
+    for run, (cat, _, create, _, _, install, train, delete) in zip(sweep.runs, [calls[:8], calls[8:]]):
         node = tpu_vm.node_name(sweep, run)
         assert cat == ["storage", "cat", f"gs://my-bucket/sweeps/tiny/{run.name}/summary.json"]
         assert create == ["compute", "tpus", "queued-resources", "create", node, f"--node-id={node}",
@@ -70,12 +70,27 @@ def test_tpu_vm_creates_runs_on_all_workers_and_deletes_each_slice(gcloud):
 def test_tpu_vm_requeues_a_preempted_run_on_a_new_slice(gcloud, monkeypatch):
     monkeypatch.setenv("FAKE_GCLOUD_PREEMPT_ONCE", "1")
     assert sweep_cli.main([f"--sweep={TINY}", *TPU_FLAGS]) == 0
-    preempted = ["cat", "create", "describe", "describe", "ssh-install", "ssh-train", "describe", "delete",
-                 "create", "describe", "describe", "ssh-install", "ssh-train", "delete"]
+    preempted = ["cat", "describe", "create", "describe", "describe", "ssh-install", "ssh-train", "describe",
+                 "delete", "create", "describe", "describe", "ssh-install", "ssh-train", "delete"]
     calls = gcloud()
     assert _verbs(calls) == preempted + ONE_RUN
     trains = [c[-1] for c in calls[:len(preempted)] if "lmjax.main" in c[-1]]
     assert len(trains) == 2 and trains[0] == trains[1]  # the same command, so the run resumes
+
+
+def test_tpu_vm_reuses_a_slice_left_by_an_interrupted_launcher(gcloud, tmp_path):
+    sweep = sweeps.load_sweep(TINY)
+    nodes = [tpu_vm.node_name(sweep, r) for r in sweep.runs]
+    (tmp_path / "state.json").write_text(json.dumps({nodes[0]: ["ACTIVE"]}))
+    assert sweep_cli.main([f"--sweep={TINY}", *TPU_FLAGS]) == 0
+    assert _verbs(gcloud()) == ["cat", "describe", "describe", "ssh-install", "ssh-train", "delete"] + ONE_RUN
+
+
+def test_a_run_can_ask_for_its_own_slice_type():
+    opts = tpu_vm.TpuOptions(project="p", zone="z", accelerator_type="v5litepod-16", spot=False)
+    assert tpu_vm.gcloud_argv("create", opts, "n", accelerator="v4-32") == [
+        "gcloud", "compute", "tpus", "queued-resources", "create", "n", "--node-id=n", "--project=p", "--zone=z",
+        "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base"]
 
 
 def test_dry_run_without_a_project_prints_placeholders_and_calls_nothing(gcloud, capsys, monkeypatch):
@@ -123,6 +138,23 @@ def test_runs_that_cannot_fit_their_budget_are_refused_with_the_run_name():
         sweeps.kaplan(base, sizes=[100], tokens=1e9)
 
 
+@pytest.mark.parametrize("path", [TINY, os.path.join(REPO, "configs", "sweeps", "cpu_isoflop.py")])
+def test_sweep_files_override_only_keys_the_base_config_has(path):
+    sweep = sweeps.load_sweep(path)
+    for run in sweep.runs:
+        config = sweeps.load_config(sweep.base_config, {**sweep.overrides, **run.overrides})
+        assert config.train.steps == run.overrides["train.steps"]
+    with pytest.raises(KeyError, match="override model.nope: .* has no such key"):
+        sweeps.load_config(sweep.base_config, {"model.nope": 1})
+
+
+def test_cpu_isoflop_sweep_is_three_budgets_of_five_sizes():
+    sweep = sweeps.load_sweep(os.path.join(REPO, "configs", "sweeps", "cpu_isoflop.py"))
+    budgets = sorted({r.budget for r in sweep.runs})
+    assert len(budgets) == 3 and all(sum(r.budget == c for r in sweep.runs) == 5 for c in budgets)
+    assert all(abs(r.flops / r.budget - 1) < 0.02 for r in sweep.runs)
+
+
 def test_local_dry_run_prints_one_main_command_per_run(capsys, tmp_path):
     assert sweep_cli.main([f"--sweep={TINY}", "--backend=local", "--dry_run", f"--sweep_dir={tmp_path}"]) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if "lmjax.main" in l]
@@ -130,6 +162,22 @@ def test_local_dry_run_prints_one_main_command_per_run(capsys, tmp_path):
     assert f"--workdir={tmp_path}/kaplan_N12K" in lines[0] and "--config=configs/gpt_small.py" in lines[0]
     assert "--config.train.steps=4" in lines[0]
     assert not os.listdir(tmp_path)  # a dry run writes nothing
+
+
+def test_local_backend_skips_finished_runs_resumes_failed_ones_and_lists_failures(tmp_path, monkeypatch, capsys):
+    sweep = sweeps.load_sweep(TINY)
+    monkeypatch.setenv("FAKE_MAIN_FAIL", "kaplan_N40K")
+    assert local.run_sweep(sweep, str(tmp_path), parallel=2, main="tests.fixtures.fake_main") == ["kaplan_N40K"]
+    first = capsys.readouterr().out
+    assert "kaplan_N12K: done in" in first and "kaplan_N40K: FAILED (exit 1)" in first
+    assert "simulated crash" in (tmp_path / "kaplan_N40K" / "train.log").read_text()
+    monkeypatch.setenv("FAKE_MAIN_FAIL", "")
+    assert local.run_sweep(sweep, str(tmp_path), main="tests.fixtures.fake_main") == []
+    second = capsys.readouterr().out
+    assert "kaplan_N12K: finished already, skipped (val_loss 2.1000)" in second
+    assert "kaplan_N40K: resuming" in second and "kaplan_N40K: done in" in second
+    assert (tmp_path / "kaplan_N12K" / "starts.txt").read_text().count("start") == 1
+    assert (tmp_path / "kaplan_N40K" / "starts.txt").read_text().count("start") == 2
 
 
 def test_collect_reports_a_missing_summary_without_failing(tmp_path, capsys):

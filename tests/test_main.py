@@ -78,7 +78,7 @@ def main_env() -> dict:
     return env
 
 
-def run_main(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_main(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lmjax.main", *args], cwd=REPO, env=main_env(),
         capture_output=True, text=True, timeout=timeout,

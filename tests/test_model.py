@@ -23,6 +23,8 @@ POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
 V, L = 64, 12
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Tiny models: XLA's CPU backend optimizations cost more compile time than they save at run time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def tiny_cfg(**overrides):
@@ -59,7 +61,7 @@ def init(cfg):
     return _params(FrozenConfigDict(cfg))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
 def _forward(frozen_cfg, params, tokens, positions, segment_ids):
     return Transformer(frozen_cfg).apply({"params": params}, tokens, positions, segment_ids)
 
@@ -106,9 +108,9 @@ def test_future_tokens_never_change_past_logits_for_every_position_type(position
     assert_causal(tiny_cfg(position=position))
 
 
-@pytest.mark.parametrize("heads", ["mha", "mqa"])
-@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
+@pytest.mark.parametrize("heads,attention", [("mqa", "einsum"), ("mha", "dot_product")])
 def test_future_tokens_never_change_past_logits_mha_gqa_mqa(heads, attention):
+    """GQA (the default 4 heads / 2 kv heads) is covered by the position-type test above."""
     assert_causal(tiny_cfg(position="rope", num_kv_heads=HEADS[heads], attention=attention))
 
 
@@ -119,15 +121,14 @@ def test_future_tokens_never_change_past_logits_with_packed_segments(position):
 
 @pytest.mark.parametrize("position", POSITIONS)
 def test_packed_second_document_equals_it_alone(position):
+    """Row 0 packs doc A (5 tokens) and doc B (7); row 1 is doc B alone, right-padded to 12."""
     cfg = tiny_cfg(position=position)
-    params = init(cfg)
-    doc_a, doc_b = random_tokens(3, (1, 5)), random_tokens(4, (1, 7))
-    packed = jnp.concatenate([doc_a, doc_b], axis=1)
-    positions = jnp.concatenate([jnp.arange(5), jnp.arange(7)])[None]
-    segment_ids = jnp.array([[1] * 5 + [2] * 7])
-    packed_logits = forward(cfg, params, packed, positions, segment_ids)
-    np.testing.assert_allclose(packed_logits[:, 5:], forward(cfg, params, doc_b), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(packed_logits[:, :5], forward(cfg, params, doc_a), atol=1e-5, rtol=1e-5)
+    doc_a, doc_b = np.asarray(random_tokens(3, (5,))), np.asarray(random_tokens(4, (7,)))
+    tokens = np.stack([np.concatenate([doc_a, doc_b]), np.concatenate([doc_b, doc_a])])
+    positions = np.stack([np.concatenate([np.arange(5), np.arange(7)]), np.arange(12)])
+    segment_ids = np.array([[1] * 5 + [2] * 7, [1] * 12])
+    logits = forward(cfg, init(cfg), tokens, positions, segment_ids)
+    np.testing.assert_allclose(logits[0, 5:], logits[1, :7], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scaling,factor", [("none", 1.0), ("linear", 4.0), ("ntk", 4.0)])
@@ -185,7 +186,8 @@ def test_param_count_llama_matches_closed_form_and_tree():
     [
         dict(),
         dict(qk_norm=True, position="alibi", num_kv_heads=1, mlp="relu", head_dim=16),
-        dict(norm="rmsnorm", use_bias=False, tie_embeddings=False, mlp="swiglu", mlp_dim=40, scan_layers=True),
+        dict(norm="rmsnorm", use_bias=False, tie_embeddings=False, mlp="swiglu", mlp_dim=40,
+             scan_layers=True),
     ],
 )
 def test_param_count_equals_initialized_tree(overrides):
@@ -207,8 +209,8 @@ def test_configs_load_and_describe_the_intended_models():
 
 def test_every_parameter_has_logical_axis_names():
     for scan in (False, True):
-        boxed = Transformer(tiny_cfg(scan_layers=scan, position="learned")).init(
-            jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+        boxed = jax.eval_shape(Transformer(tiny_cfg(scan_layers=scan, position="learned")).init,
+                               jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
         leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
         for leaf in leaves:
             assert isinstance(leaf, nn.Partitioned) and len(leaf.names) == leaf.value.ndim
@@ -217,31 +219,35 @@ def test_every_parameter_has_logical_axis_names():
         assert ("layers" in names) == scan
 
 
-def loss_and_grads(cfg, params, tokens):
-    def loss_fn(p):
-        logits = Transformer(cfg).apply({"params": p}, tokens[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1))
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+def _loss_and_grads(frozen_cfg, params, tokens):
+    """((loss, logits), grads) of next-token cross-entropy."""
 
-    return jax.value_and_grad(loss_fn)(params)
+    def loss_fn(p):
+        logits = Transformer(frozen_cfg).apply({"params": p}, tokens[:, :-1])
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)
+        return jnp.mean(nll), logits
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def loss_and_grads(cfg, params, tokens):
+    return _loss_and_grads(FrozenConfigDict(cfg), params, tokens)
+
+
+def assert_same_loss_and_grads(a, b):
+    (loss_a, logits_a), (loss_b, logits_b) = a[0], b[0]
+    assert float(loss_a) == pytest.approx(float(loss_b), abs=1e-6)
+    np.testing.assert_allclose(logits_a, logits_b, atol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5), a[1], b[1])
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_changes_memory_not_loss_or_grads(remat):
     tokens = random_tokens(5, (2, L))
     params = init(tiny_cfg())
-    loss, grads = loss_and_grads(tiny_cfg(), params, tokens)
-    loss_r, grads_r = loss_and_grads(tiny_cfg(remat=remat), params, tokens)
-    assert float(loss_r) == pytest.approx(float(loss), abs=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads_r, grads)
-
-
-def test_remat_under_scan_matches_too():
-    tokens = random_tokens(5, (2, L))
-    params = init(tiny_cfg(scan_layers=True))
-    loss, grads = loss_and_grads(tiny_cfg(scan_layers=True), params, tokens)
-    loss_r, grads_r = loss_and_grads(tiny_cfg(scan_layers=True, remat="full"), params, tokens)
-    assert float(loss_r) == pytest.approx(float(loss), abs=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads_r, grads)
+    assert_same_loss_and_grads(loss_and_grads(tiny_cfg(remat=remat), params, tokens),
+                               loss_and_grads(tiny_cfg(), params, tokens))
 
 
 def unstack_layers(scanned_params, num_layers):
@@ -252,33 +258,35 @@ def unstack_layers(scanned_params, num_layers):
     return params
 
 
-@pytest.mark.parametrize("position", ["learned", "rope"])
-def test_scanned_layers_match_unscanned(position):
-    scanned_cfg = tiny_cfg(scan_layers=True, position=position)
+def test_scanned_layers_match_unscanned_outputs_loss_and_grads():
+    """Scan (with full remat) vs a Python loop of blocks, same weights mapped between layouts:
+    same logits, loss and gradients."""
+    scanned_cfg = tiny_cfg(scan_layers=True, remat="full")
     scanned = init(scanned_cfg)
-    tokens = random_tokens(6, (2, L))
     unscanned = unstack_layers(scanned, 2)
-    assert jax.tree.structure(unscanned) == jax.tree.structure(init(tiny_cfg(position=position)))
-    np.testing.assert_allclose(
-        forward(scanned_cfg, scanned, tokens), forward(tiny_cfg(position=position), unscanned, tokens), atol=1e-5
-    )
+    assert jax.tree.structure(unscanned) == jax.tree.structure(init(tiny_cfg()))
+    tokens = random_tokens(5, (2, L))
+    outputs, grads = loss_and_grads(scanned_cfg, scanned, tokens)
+    reference = loss_and_grads(tiny_cfg(), unscanned, tokens)
+    assert_same_loss_and_grads((outputs, unstack_layers(grads, 2)), reference)
 
 
 @pytest.mark.parametrize(
-    "overrides",
-    [dict(), dict(position="alibi"), dict(num_kv_heads=1, qk_norm=True)],
+    "overrides,segment_ids",
+    [
+        (dict(position="alibi"), np.array([[1] * 6 + [2] * 6, [1] * L])),  # bias + mask
+        (dict(num_kv_heads=1, qk_norm=True), None),  # is_causal, MQA
+    ],
 )
-def test_dot_product_attention_path_matches_einsum(overrides):
+def test_dot_product_attention_path_matches_einsum(overrides, segment_ids):
     cfg = tiny_cfg(**overrides)
     params = init(cfg)
     tokens = random_tokens(7, (2, L))
-    segment_ids = jnp.array([[1] * 6 + [2] * 6, [1] * L])
-    for seg in (None, segment_ids):
-        np.testing.assert_allclose(
-            forward(tiny_cfg(attention="dot_product", **overrides), params, tokens, None, seg),
-            forward(cfg, params, tokens, None, seg),
-            atol=1e-5,
-        )
+    np.testing.assert_allclose(
+        forward(tiny_cfg(attention="dot_product", **overrides), params, tokens, None, segment_ids),
+        forward(cfg, params, tokens, None, segment_ids),
+        atol=1e-5,
+    )
 
 
 def test_bfloat16_compute_stays_close_to_float32():
@@ -297,11 +305,10 @@ def test_dropout_uses_rng_only_when_not_deterministic():
     cfg = tiny_cfg(dropout=0.3)
     params = init(cfg)
     tokens = random_tokens(9, (2, L))
-    model = Transformer(cfg)
-    det = model.apply({"params": params}, tokens)
-    np.testing.assert_allclose(det, forward(tiny_cfg(), params, tokens), atol=1e-6)
-    drop = [model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(s)})
-            for s in (0, 0, 1)]
+    det = forward(cfg, params, tokens)
+    apply = jax.jit(lambda p, t, key: Transformer(cfg).apply(
+        {"params": p}, t, deterministic=False, rngs={"dropout": key}), compiler_options=FAST_COMPILE)
+    drop = [apply(params, tokens, jax.random.key(s, impl="rbg")) for s in (0, 0, 1)]
     np.testing.assert_array_equal(drop[0], drop[1])
     assert not np.allclose(drop[0], drop[2]) and not np.allclose(drop[0], det)
 
@@ -313,3 +320,38 @@ def test_bad_config_values_name_the_key():
         forward(tiny_cfg(position="nope"), {}, jnp.zeros((1, 2), jnp.int32))
     with pytest.raises(ValueError, match="num_kv_heads"):
         param_count(tiny_cfg(num_kv_heads=3))
+
+
+SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+from jax.sharding import AxisType, Mesh
+from lmjax.config import DEFAULT_RULES
+from lmjax.model import Transformer
+from test_model import FAST_COMPILE, tiny_cfg
+cfg = tiny_cfg(position="rope", scan_layers=True)
+model, tokens = Transformer(cfg), jnp.arange(64, dtype=jnp.int32).reshape(4, 16) % 64
+devices = np.array(jax.devices()).reshape(1, 2, 2)
+mesh = Mesh(devices, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
+shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, DEFAULT_RULES)
+with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    init = jax.jit(model.init, out_shardings=shardings, compiler_options=FAST_COMPILE)
+    params = init(jax.random.key(0), tokens)
+    sharded = jax.jit(model.apply, compiler_options=FAST_COMPILE)(params, tokens)
+kernel = params["params"]["blocks"]["attn"]["query"]["kernel"].value
+assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+np.testing.assert_allclose(sharded, model.apply(jax.device_get(params), tokens), atol=1e-5)
+print("ok")
+"""
+
+
+def test_sharded_init_and_forward_on_a_2x2_mesh_match_unsharded():
+    """Logical names -> DEFAULT_RULES -> a (data 1, fsdp 2, tensor 2) mesh of 4 fake CPU devices."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

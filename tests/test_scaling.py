@@ -55,6 +55,15 @@ def test_grid_and_kaplan_generators(base):
     assert [r.name for r in runs] == ["kaplan_N1M", "kaplan_N4M"] and runs[0].tokens == runs[1].tokens
 
 
+def test_wsd_runs_report_the_smaller_budgets_at_decay_points(base):
+    per_step = base.train.batch_size * base.data.seq_len
+    runs = sweeps.wsd(base, [1e6], tokens=[100 * per_step, 200 * per_step, 400 * per_step])
+    assert [r.name for r in runs] == [f"wsd_N1M_D{sweeps.format_count(400 * per_step)}"]
+    assert runs[0].overrides["optim.schedule"] == "wsd"
+    assert runs[0].overrides["optim.wsd_decay_points"] == (100, 200)
+    assert runs[0].overrides["train.steps"] == 400
+
+
 def test_kaplan_power_laws_recover_known_exponents():
     rng = np.random.default_rng(0)
     n = np.geomspace(1e5, 1e9, 12)
@@ -96,6 +105,23 @@ def test_approach2_rejects_a_budget_whose_loss_is_not_convex_in_n():
         chinchilla.fit_isoflop([1e15] * 3 + [1e16] * 3, np.concatenate([n, n]), [3.0, 2.9, 2.85, 2.6, 2.55, 2.3])
 
 
+def test_batched_lbfgs_minimizes_rosenbrock_from_every_start():
+    import jax
+    import jax.numpy as jnp
+
+    from lmjax.scaling import lbfgs
+
+    def rosenbrock(x_P, scale):
+        return scale * ((1 - x_P[0]) ** 2 + 100 * (x_P[1] - x_P[0] ** 2) ** 2)
+
+    with jax.enable_x64(True):
+        starts = jnp.array([[-1.2, 1.0], [2.0, -1.0], [0.0, 0.0], [1.0, 1.0]])
+        scales = jnp.array([1.0, 2.0, 0.5, 1.0])  # a per-start argument, like bootstrap weights
+        x, f = jax.jit(lambda x0, s: lbfgs.minimize(rosenbrock, x0, s, iters=150))(starts, scales)
+    np.testing.assert_allclose(np.asarray(x), np.ones((4, 2)), atol=1e-5)
+    assert np.all(np.asarray(f) < 1e-10)
+
+
 def test_approach3_recovers_known_law_from_4500_starts():
     rng = np.random.default_rng(0)
     n = np.repeat(np.geomspace(1e7, 1e10, 8), 8)
@@ -125,3 +151,24 @@ def test_approach3_recovers_known_law_from_4500_starts():
 def test_approach3_needs_more_runs_than_parameters():
     with pytest.raises(ValueError, match="needs more than 5 runs"):
         chinchilla.fit_parametric([1e6, 2e6], [1e8, 1e8], [3.0, 2.9])
+
+
+@pytest.mark.slow
+def test_scaling_laws_notebook_fits_and_plots_a_synthetic_sweep(tmp_path, monkeypatch):
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("PYTHONPATH", repo)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("LMJAX_SWEEP_DIR", str(tmp_path / "sweep"))
+    notebook = nbformat.read(os.path.join(repo, "notebooks", "scaling_laws.ipynb"), as_version=4)
+    NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": repo}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "Chinchilla approach 3" in text and "tokens per parameter" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
+    assert sorted(os.listdir(tmp_path / "sweep" / "plots")) == [
+        "isoflop.png", "loss_contours.png", "loss_vs_compute.png", "optimal_allocation.png"]

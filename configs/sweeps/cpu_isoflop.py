@@ -1,9 +1,10 @@
 """Chinchilla approach 2 on a laptop: 3 compute budgets x 5 model sizes on the embedded pystdlib corpus.
 
 `python -m launch.sweep --sweep=configs/sweeps/cpu_isoflop.py --backend=local` then
-`python -m launch.analyze --sweep_dir=runs/cpu_isoflop`. Sized for about 30 minutes on 2 CPU cores
-(a demo, not a test). Budgets count C = 6 N D with non-embedding N; for models this small the
-LM head (d x 1024) costs as much again, so the real FLOPs are about twice the budget.
+`python -m launch.analyze --sweep_dir=runs/cpu_isoflop`. A demo, not a test, budgeted for about 30
+minutes on 2 CPU cores: 6,267 steps in all, 7.0e12 FLOPs as C = 6 N D with non-embedding N, and
+1.4e13 as `lmjax.model.flops_per_token` counts them (for models this small the 1,024-token LM head
+and attention cost as much again), so ~25 minutes at 10 GFLOP/s plus start-up per run.
 Each budget's sizes bracket its expected optimum (about 20 tokens per parameter) by ~4x either way.
 """
 
@@ -31,5 +32,5 @@ SIZES = {
 
 def get_sweep() -> sweeps.Sweep:
     base = sweeps.load_config(BASE, COMMON)
-    runs = sweeps.isoflop(base, BUDGETS, SIZES, aspect_ratio=32, head_dim=8, min_steps=20)
+    runs = sweeps.isoflop(base, BUDGETS, SIZES, sweeps.RunOptions(aspect_ratio=32, head_dim=8, min_steps=20))
     return sweeps.Sweep("cpu_isoflop", BASE, runs, COMMON)

@@ -2,9 +2,10 @@
 
 Two interchangeable paths chosen by `config.model.attention`:
   einsum       the readable reference below;
-  dot_product  `jax.nn.dot_product_attention` (XLA everywhere, cuDNN flash attention on GPU when
-               shapes and dtypes allow). Attention-weight dropout is not supported there, so while
-               dropout is active (training with dropout > 0) the einsum path is used instead.
+  dot_product  `jax.nn.dot_product_attention` with its default implementation (XLA in jax 0.10.2;
+               cuDNN flash attention must be requested there with implementation="cudnn", which
+               we do not do yet). It has no attention-weight dropout, so while dropout is active
+               (training with dropout > 0) the einsum path is used instead.
 """
 
 import math
@@ -30,8 +31,32 @@ def check_heads(cfg) -> None:
         )
 
 
-def dense_init(std: float, names: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+class Projection(nn.Module):
+    """x @ W (+ b), contracting x's trailing `in_shape` axes into `out_shape`.
+
+    Ours rather than nn.DenseGeneral because that one initializes its kernel flat and then reshapes,
+    so a logical sharding of the [D, H, E] kernel cannot be applied at (sharded) init.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    names: tuple[str | None, ...]  # logical names of the kernel axes, in then out
+    std: float
+    use_bias: bool
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.names)
+        kernel = self.param("kernel", init, self.in_shape + self.out_shape, self.param_dtype)
+        n = len(self.in_shape)
+        contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[n:])
+            y = y + self.param("bias", bias_init, self.out_shape, self.param_dtype).astype(self.dtype)
+        return y
 
 
 def einsum_attention(
@@ -82,15 +107,11 @@ class Attention(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
         def proj(name, heads, head_axis):
-            return nn.DenseGeneral(
-                (heads, E),
-                use_bias=cfg.use_bias,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                kernel_init=dense_init(cfg.init_std, ("embed", head_axis, "head_dim")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")),
-                name=name,
-            )(x_BxLxD)
+            names = ("embed", head_axis, "head_dim")
+            projection = Projection(
+                (D,), (heads, E), names, cfg.init_std, cfg.use_bias, dtype, param_dtype, name=name
+            )
+            return projection(x_BxLxD)
 
         q_BxLxHxE = proj("query", H, "heads")
         k_BxLxKxE = proj("key", K, "kv_heads")
@@ -134,20 +155,16 @@ class Attention(nn.Module):
                 L = x_BxLxD.shape[1]
                 mask_Bx1xLxS = jnp.tril(jnp.ones((L, L), bool))[None, None]
             dropout = nn.Dropout(cfg.dropout, deterministic=False) if attn_dropout else None
-            out_BxLxHxE = einsum_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1xLxS, bias_BxHxLxS, dropout)
+            out_BxLxHxE = einsum_attention(
+                q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1xLxS, bias_BxHxLxS, dropout
+            )
         else:
             raise ValueError(f"config.model.attention={cfg.attention!r}: expected 'einsum' or 'dot_product'")
         out_BxLxHxE = nn.with_logical_constraint(out_BxLxHxE, ("batch", "length", "heads", "head_dim"))
 
-        out_BxLxD = nn.DenseGeneral(
-            D,
-            axis=(-2, -1),
-            use_bias=cfg.use_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            # GPT-2: residual projections scaled by 1/sqrt(2N) so the stream's variance stays O(1).
-            kernel_init=dense_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), ("heads", "head_dim", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="out",
-        )(out_BxLxHxE)
+        # GPT-2: residual projections scaled by 1/sqrt(2N) so the stream's variance stays O(1).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        names = ("heads", "head_dim", "embed")
+        out = Projection((H, E), (D,), names, out_std, cfg.use_bias, dtype, param_dtype, name="out")
+        out_BxLxD = out(out_BxLxHxE)
         return out_BxLxD, new_cache

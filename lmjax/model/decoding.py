@@ -30,7 +30,9 @@ def init_cache(cfg, batch_size: int, length: int | None = None, dtype=None) -> d
         shape = (cfg.num_layers, *shape)
         layers = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     else:
-        layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers))
+        layers = tuple(
+            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
+        )
     return {
         "index": jnp.zeros((), jnp.int32),
         "positions": jnp.zeros((batch_size, S), jnp.int32),
@@ -74,7 +76,11 @@ def sample(logits_BxV, rng, temperature, top_k: int = 0, top_p: float = 1.0, gre
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "top_p", "greedy"))
-def _generate(cfg, params, tokens_BxP, positions_BxP, segment_ids_BxP, rng, temperature, *, max_new_tokens, top_k, top_p, greedy):
+def _generate(
+    cfg, params, tokens_BxP, positions_BxP, segment_ids_BxP, rng, temperature,
+    *, max_new_tokens, top_k, top_p, greedy,
+):
+    """Prefill, then a lax.scan of decode steps: the whole generation is one compiled program."""
     B, P = tokens_BxP.shape
     cache = init_cache(cfg, B, P + max_new_tokens)
     logits_BxPxV, cache = prefill(cfg, params, cache, tokens_BxP, positions_BxP, segment_ids_BxP)
@@ -114,8 +120,8 @@ def generate(
     B, P = len(prompts), max(lengths)
     if cfg.position == "learned" and P + max_new_tokens > cfg.max_len:
         raise ValueError(
-            f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds config.model.max_len={cfg.max_len}, "
-            "the size of the learned position table"
+            f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds "
+            f"config.model.max_len={cfg.max_len}, the size of the learned position table"
         )
     tokens = np.zeros((B, P), np.int32)
     positions = np.zeros((B, P), np.int32)

@@ -46,7 +46,8 @@ class Mlp(nn.Module):
         elif cfg.mlp in ACTIVATIONS:
             h_BxLxF = ACTIVATIONS[cfg.mlp](dense("up", F, ("embed", "mlp"), cfg.init_std)(x_BxLxD))
         else:
-            raise ValueError(f"config.model.mlp={cfg.mlp!r}: expected one of {sorted(ACTIVATIONS) + ['swiglu']}")
+            expected = sorted(ACTIVATIONS) + ["swiglu"]
+            raise ValueError(f"config.model.mlp={cfg.mlp!r}: expected one of {expected}")
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
         # Residual projection scaled by 1/sqrt(2N) as in GPT-2.
         return dense("down", D, ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.num_layers))(h_BxLxF)

@@ -8,6 +8,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
+def _norm_init(init):
+    return nn.with_logical_partitioning(init, ("norm",))
+
+
 class LayerNorm(nn.Module):
     """(x - mean) / std * scale (+ bias), over the last axis."""
 
@@ -23,14 +27,10 @@ class LayerNorm(nn.Module):
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jnp.reciprocal(jnp.sqrt(var + self.eps))
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (dim,), self.param_dtype
-        )
+        scale = self.param("scale", _norm_init(nn.initializers.ones), (dim,), self.param_dtype)
         y = y * scale.astype(jnp.float32)
         if self.use_bias:
-            bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (dim,), self.param_dtype
-            )
+            bias = self.param("bias", _norm_init(nn.initializers.zeros), (dim,), self.param_dtype)
             y = y + bias.astype(jnp.float32)
         return y.astype(self.dtype)
 
@@ -47,9 +47,7 @@ class RMSNorm(nn.Module):
         dim = x.shape[-1]
         x32 = x.astype(jnp.float32)
         y = x32 * jnp.reciprocal(jnp.sqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps))
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (dim,), self.param_dtype
-        )
+        scale = self.param("scale", _norm_init(nn.initializers.ones), (dim,), self.param_dtype)
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 

@@ -29,7 +29,8 @@ class Block(nn.Module):
     def __call__(self, x_BxLxD: jnp.ndarray, ctx: dict, cache: dict | None = None):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h_BxLxD, cache = Attention(cfg, self.deterministic, name="attn")(make_norm(cfg, "attn_norm")(x_BxLxD), ctx, cache)
+        attention = Attention(cfg, self.deterministic, name="attn")
+        h_BxLxD, cache = attention(make_norm(cfg, "attn_norm")(x_BxLxD), ctx, cache)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD + drop(h_BxLxD), ("batch", "length", "embed"))
         h_BxLxD = Mlp(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxLxD))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD + drop(h_BxLxD), ("batch", "length", "embed"))
@@ -50,12 +51,17 @@ def attention_context(positions_BxL, segment_ids_BxL, cache):
         if segment_ids_BxL is not None:
             causal_LxL = jnp.tril(jnp.ones((L, L), bool))
             mask = (causal_LxL[None] & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]))[:, None]
-        return {"q_positions": positions_BxL, "k_positions": positions_BxL, "mask": mask, "cache_index": None}, None
+        ctx = {"q_positions": positions_BxL, "k_positions": positions_BxL, "mask": mask, "cache_index": None}
+        return ctx, None
     if segment_ids_BxL is None:
         segment_ids_BxL = jnp.ones((B, L), jnp.int32)
     index = cache["index"]
-    k_positions_BxS = jax.lax.dynamic_update_slice(cache["positions"], positions_BxL.astype(jnp.int32), (0, index))
-    k_segments_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL.astype(jnp.int32), (0, index))
+
+    def write(old_BxS, new_BxL):
+        return jax.lax.dynamic_update_slice(old_BxS, new_BxL.astype(jnp.int32), (0, index))
+
+    k_positions_BxS = write(cache["positions"], positions_BxL)
+    k_segments_BxS = write(cache["segment_ids"], segment_ids_BxL)
     S = k_positions_BxS.shape[1]
     causal_LxS = jnp.arange(S)[None, :] <= (index + jnp.arange(L))[:, None]
     mask = (causal_LxS[None] & (segment_ids_BxL[:, :, None] == k_segments_BxS[:, None, :]))[:, None]
@@ -83,15 +89,20 @@ class Transformer(nn.Module):
     ):
         cfg = self.cfg
         if cfg.vocab_size is None:
-            raise ValueError("config.model.vocab_size is None: set it (the trainer fills it from the tokenizer)")
+            raise ValueError(
+                "config.model.vocab_size is None: set it, or let the trainer fill it from the tokenizer"
+            )
         if cfg.position not in pos_lib.POSITION_TYPES:
-            raise ValueError(f"config.model.position={cfg.position!r}: expected one of {pos_lib.POSITION_TYPES}")
+            expected = pos_lib.POSITION_TYPES
+            raise ValueError(f"config.model.position={cfg.position!r}: expected one of {expected}")
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, L = tokens_BxL.shape
         V, D = cfg.vocab_size, cfg.embed_dim
         positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions is None else positions
 
-        init = lambda names: nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), names)
+        def init(names):
+            return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), names)
+
         embedding_VxD = self.param("embedding", init(("vocab", "embed")), (V, D), param_dtype)
         x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(dtype)
         if cfg.position == "learned":

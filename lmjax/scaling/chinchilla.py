@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax.scaling import lbfgs
-from lmjax.scaling.kaplan import PowerLaw, fit_power_law
+from lmjax.scaling.kaplan import PowerLaw
 
 HUBER_DELTA = 1e-3
 # The initialization grid of Hoffmann et al. (2022), appendix D.2: 6 x 6 x 5 x 5 x 5 = 4,500 starts.
@@ -94,7 +94,7 @@ class ParametricFit:
     beta: float
     objective: float  # summed Huber loss at the optimum
     num_starts: int
-    fit_time_s: float
+    fit_time_s: float  # the 4,500-start fit, compilation included, bootstrap excluded
     intervals: dict[str, tuple[float, float]] | None = None  # bootstrap (lo, hi) per parameter
 
     def predict(self, n_params, n_tokens):
@@ -157,11 +157,14 @@ def fit_parametric(n_params: Sequence[float], n_tokens: Sequence[float], losses:
     and is refitted from the best full-data solution and the 20 best distinct grid end points, all
     replicates in one batched L-BFGS run.
     """
-    log_n, log_d, log_loss = (np.log(np.asarray(v, np.float64)) for v in (n_params, n_tokens, losses))
-    if not (log_n.shape == log_d.shape == log_loss.shape) or log_n.ndim != 1:
+    arrays = [np.asarray(v, np.float64) for v in (n_params, n_tokens, losses)]
+    if not (arrays[0].shape == arrays[1].shape == arrays[2].shape) or arrays[0].ndim != 1:
         raise ValueError(f"n_params, n_tokens and losses must be 1-D and equally long, got "
-                         f"{log_n.shape}, {log_d.shape}, {log_loss.shape}")
-    if log_n.size < 5:
+                         f"{', '.join(str(a.shape) for a in arrays)}")
+    if not all(np.all(np.isfinite(a) & (a > 0)) for a in arrays):
+        raise ValueError("n_params, n_tokens and losses must be finite and positive (the fit is in log space)")
+    log_n, log_d, log_loss = (np.log(a) for a in arrays)
+    if log_n.size <= 5:
         raise ValueError(f"approach 3 has 5 parameters and needs more than 5 runs, got {log_n.size}")
     start = time.perf_counter()
     starts = initial_grid()
@@ -181,6 +184,7 @@ def _params(x: np.ndarray) -> tuple[float, ...]:
 
 
 def _bootstrap(log_n, log_d, log_loss, x, f, replicates, seed, delta, iters):
+    """90% percentile intervals of (E, A, B, alpha, beta) over `replicates` resamples of the runs."""
     order = np.argsort(f)
     candidates = [x[order[0]]]
     for i in order[1:]:

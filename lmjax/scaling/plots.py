@@ -1,7 +1,9 @@
-"""The four scaling-law figures, as matplotlib figures (Agg backend: no display needed).
+"""The four scaling-law figures.
 
-Each function takes the fits from `kaplan` / `chinchilla` plus the raw points and returns a Figure;
-`save` writes one as a PNG. Colours run with the compute budget, as in Hoffmann et al. fig. 3.
+Each function takes the fits from `kaplan` / `chinchilla` plus the raw points and returns a
+matplotlib Figure; `save` writes one as a PNG. Figures are built with `matplotlib.figure.Figure`,
+not pyplot, so no display or GUI backend is involved (headless machines, TPU VMs) and a notebook's
+own backend is left alone. Colours run with the compute budget, as in Hoffmann et al. fig. 3.
 """
 
 from __future__ import annotations
@@ -9,24 +11,27 @@ from __future__ import annotations
 import os
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
+from lmjax.scaling.chinchilla import IsoFlopFit, ParametricFit
+from lmjax.scaling.kaplan import PowerLaw, frontier
 
-from lmjax.scaling.chinchilla import IsoFlopFit, ParametricFit  # noqa: E402
-from lmjax.scaling.kaplan import PowerLaw, frontier  # noqa: E402
+
+def _subplots(ncols: int = 1, figsize=(6, 4.5)):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols)
 
 
 def _budget_colours(budgets: np.ndarray):
-    cmap = plt.get_cmap("viridis")
-    return {c: cmap(i / max(len(budgets) - 1, 1)) for i, c in enumerate(budgets)}
+    cmap = matplotlib.colormaps["viridis"]
+    return {c: cmap(0.85 * i / max(len(budgets) - 1, 1)) for i, c in enumerate(budgets)}  # no pale yellow
 
 
 def isoflop_curves(budgets, n_params, losses, fit: IsoFlopFit):
     """Loss vs N for each budget, the fitted parabola (in log N) and its minimum."""
     budgets, n_params, losses = (np.asarray(v, np.float64) for v in (budgets, n_params, losses))
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = _subplots()
     colours = _budget_colours(fit.budgets)
     for c, p, n_opt, l_opt in zip(fit.budgets, fit.parabolas, fit.n_opt, fit.loss_opt):
         pick = budgets == c
@@ -44,7 +49,7 @@ def isoflop_curves(budgets, n_params, losses, fit: IsoFlopFit):
 def loss_vs_compute(flops, losses, law: PowerLaw | None = None):
     """Every run's loss against C = 6 N D, the frontier, and the L(C_min) law."""
     flops, losses = np.asarray(flops, np.float64), np.asarray(losses, np.float64)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = _subplots()
     ax.scatter(flops, losses, color="0.6", s=15, label="runs")
     fx, fl = frontier(flops, losses)
     ax.plot(fx, fl, "o-", color="C3", label="frontier")
@@ -60,7 +65,7 @@ def loss_vs_compute(flops, losses, law: PowerLaw | None = None):
 
 def optimal_allocation(fit: IsoFlopFit, parametric: ParametricFit | None = None):
     """N_opt(C) and D_opt(C): approach 2 minima with their power laws, and approach 3's prediction."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = _subplots(2, figsize=(10, 4))
     xs = np.geomspace(fit.budgets.min() / 3, fit.budgets.max() * 3, 100)
     for ax, points, law, label in ((axes[0], fit.n_opt, fit.n_law, "N_opt"), (axes[1], fit.d_opt, fit.d_law, "D_opt")):
         ax.scatter(fit.budgets, points, color="C0", zorder=3, label="approach 2 minima")
@@ -81,7 +86,7 @@ def loss_contours(fit: ParametricFit, n_params, n_tokens, flops_lines=()):
     ns = np.geomspace(n_params.min() / 3, n_params.max() * 3, 120)
     ds = np.geomspace(n_tokens.min() / 3, n_tokens.max() * 3, 120)
     nn, dd = np.meshgrid(ns, ds)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = _subplots()
     cs = ax.contourf(nn, dd, fit.predict(nn, dd), levels=20, cmap="viridis")
     fig.colorbar(cs, ax=ax, label="predicted loss")
     ax.scatter(n_params, n_tokens, color="w", edgecolor="k", s=20, label="runs")
@@ -100,5 +105,4 @@ def loss_contours(fit: ParametricFit, n_params, n_tokens, flops_lines=()):
 def save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

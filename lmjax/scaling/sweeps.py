@@ -5,7 +5,9 @@ generators here:
 - `isoflop`: for each compute budget C, model sizes N trained on D = C / (6 N) tokens (Chinchilla
   approach 2);
 - `grid`: every size x every token budget (approach 3, and Kaplan's L(D));
-- `kaplan`: sizes only, all on the same (large) number of tokens (Kaplan's L(N)).
+- `kaplan`: sizes only, all on the same (large) number of tokens (Kaplan's L(N));
+- `wsd`: the grid's token budgets from one warmup-stable-decay run per size, each smaller budget
+  recorded at a decay point (needs the trainer to honour `optim.wsd_decay_points`).
 Sizes are non-embedding parameter counts turned into shapes by `shapes.shape_for_params`; tokens
 become `train.steps = D / (batch_size * seq_len)`, so the run's real D is a whole number of steps.
 Run names are stable and readable (`isoflop_C1e14_N2.1M`): they name the workdirs, so re-running
@@ -17,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import runpy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ml_collections import config_dict
@@ -34,6 +36,7 @@ class Run:
     n_params: int  # non-embedding parameters of its shape
     tokens: int  # training tokens: steps * batch_size * seq_len
     budget: float | None = None  # the C of its IsoFLOP profile, None outside isoflop sweeps
+    accelerator: str | None = None  # tpu-vm: slice type for this run (e.g. v4-32); None: --accelerator_type
 
     @property
     def flops(self) -> float:
@@ -85,7 +88,11 @@ def load_config(path: str, overrides: Mapping[str, Any] = ()) -> config_dict.Con
         *sections, leaf = key.split(".")
         node = config
         for s in sections:
-            node = node[s]
+            node = node.get(s)
+            if not isinstance(node, config_dict.ConfigDict):
+                raise KeyError(f"override {key}: {path} has no config section {s!r}")
+        if leaf not in node:
+            raise KeyError(f"override {key}: {path} has no such key; its keys there are {', '.join(sorted(node))}")
         node[leaf] = value
     return config
 
@@ -103,55 +110,73 @@ def format_flops(c: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def make_run(name: str, base: config_dict.ConfigDict, n_params: float, tokens: float, *,
-             aspect_ratio: float, head_dim: int, warmup_fraction: float, min_steps: int,
-             budget: float | None = None) -> Run:
-    """One run: the shape for `n_params` trained for the whole number of steps nearest `tokens`."""
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How generators turn (size, tokens) into a run; one set per sweep."""
+
+    aspect_ratio: float = 32.0  # d_model / n_layers of every shape
+    head_dim: int = 32
+    warmup_fraction: float = 0.1  # optim.warmup_steps = this share of each run's steps
+    min_steps: int = 10  # fewer steps than this is not a training run: refuse it
+
+
+def make_run(name: str, base: config_dict.ConfigDict, n_params: float, tokens_for: Callable[[int], float],
+             opts: RunOptions, budget: float | None = None) -> Run:
+    """One run: the shape nearest `n_params`, trained for the whole number of steps nearest
+    `tokens_for(its exact non-embedding count)`."""
     try:
-        shape = shapes.shape_for_params(n_params, base.model, aspect_ratio=aspect_ratio, head_dim=head_dim)
+        shape = shapes.shape_for_params(n_params, base.model, aspect_ratio=opts.aspect_ratio, head_dim=opts.head_dim)
     except ValueError as e:
         raise ValueError(f"run {name}: {e}") from None
+    tokens = tokens_for(shape.non_embedding_params)
     per_step = int(base.train.batch_size) * int(base.data.seq_len)
     steps = round(tokens / per_step)
-    if steps < min_steps:
+    if steps < opts.min_steps:
         raise ValueError(
             f"run {name}: {tokens:.3g} tokens are {tokens / per_step:.2f} steps of {per_step:,} tokens "
-            f"(train.batch_size x data.seq_len); at least {min_steps} are needed. Use a larger budget, "
+            f"(train.batch_size x data.seq_len); at least {opts.min_steps} are needed. Use a larger budget, "
             f"a smaller model or a smaller batch"
         )
     overrides = {**shape.overrides(), "train.steps": steps,
-                 "optim.warmup_steps": max(1, round(warmup_fraction * steps))}
+                 "optim.warmup_steps": max(1, round(opts.warmup_fraction * steps))}
     return Run(name, overrides, shape.non_embedding_params, steps * per_step, budget)
 
 
 def isoflop(base: config_dict.ConfigDict, budgets: Sequence[float],
-            sizes: Sequence[float] | Mapping[float, Sequence[float]], *, aspect_ratio: float = 32.0,
-            head_dim: int = 32, warmup_fraction: float = 0.1, min_steps: int = 10) -> list[Run]:
-    """For each budget C, each size N on D = C / (6 N) tokens. `sizes` may differ per budget."""
-    runs = []
-    for c in budgets:
-        for n in (sizes[c] if isinstance(sizes, Mapping) else sizes):
-            shape_n = shapes.shape_for_params(n, base.model, aspect_ratio=aspect_ratio, head_dim=head_dim,
-                                              tolerance=float("inf")).non_embedding_params
-            runs.append(make_run(f"isoflop_C{format_flops(c)}_N{format_count(n)}", base, n, c / (6 * shape_n),
-                                 aspect_ratio=aspect_ratio, head_dim=head_dim,
-                                 warmup_fraction=warmup_fraction, min_steps=min_steps, budget=c))
-    return runs
+            sizes: Sequence[float] | Mapping[float, Sequence[float]], opts: RunOptions = RunOptions()) -> list[Run]:
+    """For each budget C, each size N on D = C / (6 N) tokens (N exact). `sizes` may differ per budget."""
+    return [make_run(f"isoflop_C{format_flops(c)}_N{format_count(n)}", base, n, lambda exact, c=c: c / (6 * exact),
+                     opts, budget=c)
+            for c in budgets for n in (sizes[c] if isinstance(sizes, Mapping) else sizes)]
 
 
-def grid(base: config_dict.ConfigDict, sizes: Sequence[float], tokens: Sequence[float], *,
-         aspect_ratio: float = 32.0, head_dim: int = 32, warmup_fraction: float = 0.1,
-         min_steps: int = 10) -> list[Run]:
+def grid(base: config_dict.ConfigDict, sizes: Sequence[float], tokens: Sequence[float],
+         opts: RunOptions = RunOptions()) -> list[Run]:
     """Every size on every token budget."""
-    return [make_run(f"grid_N{format_count(n)}_D{format_count(d)}", base, n, d, aspect_ratio=aspect_ratio,
-                     head_dim=head_dim, warmup_fraction=warmup_fraction, min_steps=min_steps)
+    return [make_run(f"grid_N{format_count(n)}_D{format_count(d)}", base, n, lambda _, d=d: d, opts)
             for n in sizes for d in tokens]
 
 
-def kaplan(base: config_dict.ConfigDict, sizes: Sequence[float], tokens: float, *,
-           aspect_ratio: float = 32.0, head_dim: int = 32, warmup_fraction: float = 0.1,
-           min_steps: int = 10) -> list[Run]:
+def kaplan(base: config_dict.ConfigDict, sizes: Sequence[float], tokens: float,
+           opts: RunOptions = RunOptions()) -> list[Run]:
     """Sizes only, all on `tokens` tokens: Kaplan's L(N) when `tokens` is large enough to converge."""
-    return [make_run(f"kaplan_N{format_count(n)}", base, n, tokens, aspect_ratio=aspect_ratio,
-                     head_dim=head_dim, warmup_fraction=warmup_fraction, min_steps=min_steps)
-            for n in sizes]
+    return [make_run(f"kaplan_N{format_count(n)}", base, n, lambda _: tokens, opts) for n in sizes]
+
+
+def wsd(base: config_dict.ConfigDict, sizes: Sequence[float], tokens: Sequence[float],
+        opts: RunOptions = RunOptions()) -> list[Run]:
+    """A grid at the cost of its longest column: one WSD run per size, trained to the largest token
+    budget, reporting the smaller budgets at decay points (`optim.wsd_decay_points`; the trainer
+    must honour it, and `launch.collect` turns its `wsd_points` into rows)."""
+    longest = max(tokens)
+    per_step = int(base.train.batch_size) * int(base.data.seq_len)
+    runs = []
+    for n in sizes:
+        run = make_run(f"wsd_N{format_count(n)}_D{format_count(longest)}", base, n, lambda _: longest, opts)
+        points = tuple(sorted({round(d / per_step) for d in tokens if d < longest}))
+        if points and points[0] < opts.min_steps:
+            raise ValueError(f"run {run.name}: the {min(tokens):.3g}-token decay point is {points[0]} steps; "
+                             f"at least {opts.min_steps} are needed")
+        overrides = {**run.overrides, "optim.schedule": "wsd", "optim.wsd_decay_points": points}
+        runs.append(dataclasses.replace(run, overrides=overrides))
+    return runs
