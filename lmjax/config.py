@@ -141,4 +141,5 @@ def default_config() -> config_dict.ConfigDict:
     e.num_samples = 2  # sampled continuations logged at each eval
     e.sample_tokens = 64  # tokens per logged sample
     e.sample_prompt = "def "  # prompt of the logged samples
+    e.sample_temperature = 0.8  # softmax temperature of the logged samples (0: greedy)
     return c

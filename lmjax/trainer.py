@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from ml_collections import config_dict
 
-from lmjax import checkpointing, data, metrics, model, sharding
+from lmjax import checkpointing, data, hardware, metrics, model, sharding
 from lmjax import train as train_lib
 from lmjax.data import pipeline as pipeline_lib
 
@@ -63,7 +63,7 @@ AT_LEAST_ONE = (
 )
 AT_LEAST_ZERO = (
     "optim.lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip", "train.z_loss",
-    "eval.steps", "eval.num_samples", "eval.sample_tokens", "data.grain_workers",
+    "eval.steps", "eval.num_samples", "eval.sample_tokens", "eval.sample_temperature", "data.grain_workers",
 )
 
 
@@ -286,6 +286,7 @@ def train(config: config_dict.ConfigDict, workdir: str) -> dict:
     total = int(config.train.steps)
     tokens_per_step = int(config.train.batch_size) * int(config.data.seq_len)
     flops_per_token = model.flops_per_token(config.model, int(config.data.seq_len))
+    peak_flops = _peak_flops_per_device()
     train_data = data.make_pipeline(config.data, tokenizer, "train", config.train.batch_size, seed=config.train.seed)
     val_batches, bytes_per_token = eval_batches(config, tokenizer)
     train_step = train_lib.make_train_step(config, setup.model, mesh, setup.state_shardings)
@@ -353,7 +354,8 @@ def train(config: config_dict.ConfigDict, workdir: str) -> dict:
                     steps_per_sec = (step - timer_step) / (time.time() - timer_start)
                 record = {key: float(step_metrics[key]) for key in ("loss", "lr", "grad_norm")}
                 record["tokens_per_sec"] = steps_per_sec * tokens_per_step if steps_per_sec else None
-                record["mfu"] = train_lib.mfu(record["tokens_per_sec"], flops_per_token) if steps_per_sec else None
+                record["mfu"] = (train_lib.mfu(record["tokens_per_sec"], flops_per_token, peak_flops_per_device=peak_flops)
+                                 if steps_per_sec and peak_flops else None)
                 if do_eval:
                     last_eval = evaluate_params(eval_step, state.params, val_batches, bytes_per_token, mesh, rules)
                     record.update(last_eval)
@@ -402,6 +404,15 @@ def train(config: config_dict.ConfigDict, workdir: str) -> dict:
     return summary
 
 
+def _peak_flops_per_device() -> float | None:
+    """Looked up (or, on CPU, measured) once per run, so MFU figures of one run are comparable."""
+    try:
+        return hardware.peak_flops_per_device(jax.devices()[0])
+    except ValueError as e:  # a device missing from the table: train anyway, without MFU
+        print(f"MFU not reported: {e}", flush=True)
+        return None
+
+
 def _read_summary(workdir: str) -> dict:
     path = os.path.join(workdir, metrics.SUMMARY_FILE)
     if not os.path.exists(path):
@@ -417,7 +428,8 @@ def log_samples(config: config_dict.ConfigDict, params: Any, tokenizer: data.Tok
     Every process takes part (the params may be sharded across hosts); process 0 prints.
     """
     prompt = config.eval.sample_prompt
-    texts = sample_texts(config, params, tokenizer, [prompt] * config.eval.num_samples, config.eval.sample_tokens, seed=step)
+    texts = sample_texts(config, params, tokenizer, [prompt] * config.eval.num_samples, config.eval.sample_tokens,
+                         temperature=config.eval.sample_temperature, seed=step)
     samples = [prompt + text for text in texts]
     for i, sample in enumerate(samples):
         writer.write_text(step, f"sample_{i}", sample)
