@@ -132,10 +132,11 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, *, move_corrupt:
             failures.append((step, e))
             continue
         for bad_step, error in failures:
-            message = f"WARNING: skipped corrupt checkpoint step {bad_step} ({type(error).__name__}: {str(error)[:200]})"
+            reason = f"{type(error).__name__}: {str(error)[:200]}"
+            message = f"WARNING: skipped corrupt checkpoint step {bad_step} ({reason})"
             if move_corrupt:
                 message += f"; moved to {_move_aside(manager, bad_step)}"
-            print(message + f"; resuming from step {step}", flush=True)
+            print(message + f"; using step {step}", flush=True)
         if failures and move_corrupt:
             manager.reload()
         return restored

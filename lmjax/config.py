@@ -50,7 +50,7 @@ def default_config() -> config_dict.ConfigDict:
     m.tie_embeddings = True  # LM head shares the token embedding matrix
     m.dropout = 0.0  # dropout on embeddings, residual branches and attention weights
     m.init_std = 0.02  # std of the normal initializer of weight matrices
-    m.attention = "einsum"  # einsum (readable reference) | dot_product (jax.nn.dot_product_attention)
+    m.attention = "einsum"  # einsum (readable reference) | dot_product (jax.nn.dot_product_attention) | cudnn (its GPU flash kernel)
     m.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
     m.param_dtype = "float32"  # parameter (and optimizer state) dtype
     m.remat = "none"  # gradient checkpointing: none | full | dots
@@ -111,9 +111,9 @@ def default_config() -> config_dict.ConfigDict:
     o.decay_fraction = 0.2  # wsd: share of steps in the final decay
     # wsd: extra token budgets one run reports, as steps < train.steps (empty: none). For each s the
     # trainer decays a branch off the stable phase (the last decay_fraction * s steps of a length-s
-    # run), evaluates it, appends {"step": s, "tokens": s * batch * seq_len, "val_loss": ...} to
-    # summary.json's "wsd_points", and continues the main run undecayed. launch.collect makes each
-    # point a row of its own. Optional: trainers that ignore it just report the final budget.
+    # run), evaluates it, records {step, tokens, val_loss, val_ppl, val_bpb, train_loss, decay_start}
+    # in DIR/wsd_points.jsonl and summary.json's "wsd_points", and continues the main run undecayed
+    # (its losses are unchanged). launch.collect makes each point a row of its own.
     o.wsd_decay_points = ()
     o.weight_decay = 0.1  # decoupled weight decay (not on biases or norm scales)
     o.decay_embeddings = True  # apply weight decay to embedding tables too

@@ -5,6 +5,8 @@ import os
 # Keep the in-process suite on the plain CPU backend (no accelerator probing, no fake devices).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.pop("XLA_FLAGS", None)
+# libtpu (the [tpu] extra) holds a lockfile per process; compile-only topologies use no chip, so allow several.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def pytest_configure(config):

@@ -5,8 +5,10 @@ The subprocess tests run the real command line; the in-process ones reuse one tr
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,7 +57,8 @@ def write_tiny_preset(directory: str, steps: int = STEPS, eval_every: int = 1) -
                     f.write(src.read())
     path = os.path.join(directory, f"tiny_{steps}_{eval_every}.py")
     with open(path, "w") as f:
-        f.write(TINY_PRESET.format(corpus=corpus, cache=os.path.join(directory, "cache"), steps=steps, eval_every=eval_every))
+        cache = os.path.join(directory, "cache")
+        f.write(TINY_PRESET.format(corpus=corpus, cache=cache, steps=steps, eval_every=eval_every))
     return path
 
 
@@ -67,6 +70,7 @@ def tiny_config(directory: str, **kw) -> config_dict.ConfigDict:
 
 # Subprocesses of one test session share compiled programs through JAX's persistent cache.
 JAX_CACHE = os.path.join(tempfile.gettempdir(), f"lmjax-test-jax-cache-{os.getpid()}")
+atexit.register(shutil.rmtree, JAX_CACHE, ignore_errors=True)
 
 
 def main_env() -> dict:
@@ -139,6 +143,7 @@ def trained(tmp_path_factory):
     return preset, workdir, tiny_config(directory), result.stdout
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_summary_and_prints_baseline(trained):
     _, workdir, _, stdout = trained
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -155,6 +160,7 @@ def test_train_writes_metrics_summary_and_prints_baseline(trained):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
 
 
+@pytest.mark.slow
 def test_eval_mode_prints_loss_and_perplexity(trained):
     preset, workdir, _, _ = trained
     result = run_main(f"--config={preset}", f"--workdir={workdir}", "--mode=eval")
@@ -165,6 +171,7 @@ def test_eval_mode_prints_loss_and_perplexity(trained):
     assert reported == pytest.approx(final, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_generate_with_a_fixed_seed_is_reproducible(trained):
     from lmjax import trainer
 
@@ -179,6 +186,7 @@ def test_generate_with_a_fixed_seed_is_reproducible(trained):
     assert "def " + first[0] in result.stdout and "import os\n" + first[1] in result.stdout
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_argmax_of_the_full_forward(trained):
     from lmjax import model, trainer
 
@@ -197,6 +205,7 @@ def test_greedy_generation_is_argmax_of_the_full_forward(trained):
     assert new == tokens[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     preset = write_tiny_preset(str(tmp_path))
     workdir = tmp_path / "run"

@@ -2,10 +2,11 @@
 
 Two interchangeable paths chosen by `config.model.attention`:
   einsum       the readable reference below;
-  dot_product  `jax.nn.dot_product_attention` with its default implementation (XLA in jax 0.10.2;
-               cuDNN flash attention must be requested there with implementation="cudnn", which
-               we do not do yet). It has no attention-weight dropout, so while dropout is active
-               (training with dropout > 0) the einsum path is used instead.
+  dot_product  `jax.nn.dot_product_attention` with its default implementation (XLA in jax 0.10.2);
+  cudnn        the same call with implementation="cudnn": fused flash attention on NVIDIA GPUs
+               (bfloat16/float16 compute only; JAX raises if cuDNN cannot serve the shape).
+The fused paths have no attention-weight dropout, so while dropout is active (training with
+dropout > 0) the einsum path is used instead.
 """
 
 import math
@@ -141,7 +142,7 @@ class Attention(nn.Module):
             bias_BxHxLxS = pos_lib.alibi_bias(ctx["q_positions"], ctx["k_positions"], H)
         mask_Bx1xLxS = ctx["mask"]
         attn_dropout = cfg.dropout > 0 and not self.deterministic
-        if cfg.attention == "dot_product" and not attn_dropout:
+        if cfg.attention in ("dot_product", "cudnn") and not attn_dropout:
             out_BxLxHxE = jax.nn.dot_product_attention(
                 q_BxLxHxE,
                 k_BxSxKxE.astype(q_BxLxHxE.dtype),
@@ -149,8 +150,9 @@ class Attention(nn.Module):
                 bias=bias_BxHxLxS,
                 mask=mask_Bx1xLxS,
                 is_causal=mask_Bx1xLxS is None,
+                implementation="cudnn" if cfg.attention == "cudnn" else None,
             )
-        elif cfg.attention in ("einsum", "dot_product"):
+        elif cfg.attention in ("einsum", "dot_product", "cudnn"):
             if mask_Bx1xLxS is None:
                 L = x_BxLxD.shape[1]
                 mask_Bx1xLxS = jnp.tril(jnp.ones((L, L), bool))[None, None]
@@ -159,7 +161,7 @@ class Attention(nn.Module):
                 q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1xLxS, bias_BxHxLxS, dropout
             )
         else:
-            raise ValueError(f"config.model.attention={cfg.attention!r}: expected 'einsum' or 'dot_product'")
+            raise ValueError(f"config.model.attention={cfg.attention!r}: expected einsum | dot_product | cudnn")
         out_BxLxHxE = nn.with_logical_constraint(out_BxLxHxE, ("batch", "length", "heads", "head_dim"))
 
         # GPT-2: residual projections scaled by 1/sqrt(2N) so the stream's variance stays O(1).
