@@ -43,7 +43,7 @@ def fit_all(rows: list[dict], bootstrap: int = 0) -> dict:
     try:
         if not iso:
             raise ValueError("no run belongs to an IsoFLOP budget")
-        fits["approach2"] = chinchilla.fit_isoflop(*zip(*iso))
+        fits["approach2"] = chinchilla.fit_isoflop(*zip(*iso), strict=False)
     except ValueError as e:
         errors["approach 2"] = str(e)
     try:
@@ -61,6 +61,7 @@ def report(fits: dict, budgets: list[float]) -> str:
         lines.append(f"Chinchilla approach 2: N_opt ~ C^{f2.n_law.exponent:.3f}, D_opt ~ C^{f2.d_law.exponent:.3f}")
         for c, n_opt, d_opt, l_opt in zip(f2.budgets, f2.n_opt, f2.d_opt, f2.loss_opt):
             lines.append(f"  C={c:.3g}: N_opt={n_opt:.3g}, D_opt={d_opt:.3g}, D/N={d_opt / n_opt:.1f}, loss={l_opt:.4f}")
+        lines.extend(f"  left out: {why}" for why in f2.skipped.values())
     if "approach3" in fits:
         f3 = fits["approach3"]
         lines.append(f"Chinchilla approach 3: L = {f3.E:.4f} + {f3.A:.4g}/N^{f3.alpha:.4f} + {f3.B:.4g}/D^{f3.beta:.4f}"

@@ -74,15 +74,15 @@ def test_gpt2_124m_partition_specs_match_the_golden_file():
     assert table == json.loads(GOLDEN.read_text())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gpt2_124m's vocab_size 50257 is odd: the embedding does not split over tensor=2 "
-    "(padding it to 50304 would fix this; the preset is the model owner's call)",
-)
-def test_gpt2_124m_divides_the_golden_mesh():
+def test_gpt2_124m_odd_vocab_on_the_golden_mesh_is_a_named_error():
+    """GPT-2's vocab (50257) is odd: on tensor=2 the embedding cannot split, and the error says which
+    parameter, dimension and mesh axis (pad the vocab, e.g. to 50304, to train on such a mesh)."""
     config = load_config("gpt2_124m")
     mesh = AbstractMesh(tuple(GOLDEN_MESH.values()), tuple(GOLDEN_MESH))
-    sharding.check_divisible(abstract_boxed_params(config), mesh, sharding.rules(config.mesh))
+    with pytest.raises(ValueError) as err:
+        sharding.check_divisible(abstract_boxed_params(config), mesh, sharding.rules(config.mesh))
+    message = str(err.value)
+    assert "embedding" in message and "50257" in message and "vocab" in message and "tensor" in message
 
 
 def test_collectives_are_counted_once_per_async_pair():

@@ -102,7 +102,19 @@ def test_approach2_recovers_known_exponents_from_isoflop_curves():
 def test_approach2_rejects_a_budget_whose_loss_is_not_convex_in_n():
     n = np.array([1e6, 2e6, 4e6])
     with pytest.raises(ValueError, match="C=1e.16: loss is not convex"):
-        chinchilla.fit_isoflop([1e15] * 3 + [1e16] * 3, np.concatenate([n, n]), [3.0, 2.9, 2.85, 2.6, 2.55, 2.3])
+        chinchilla.fit_isoflop([1e15] * 3 + [1e16] * 3, np.concatenate([n, n]), [3.0, 2.9, 2.95, 2.6, 2.55, 2.3])
+
+
+def test_approach2_leaves_out_budgets_whose_minimum_is_not_sampled_when_not_strict():
+    """A profile still falling at its largest size (minimum outside the sizes) is named, not fitted."""
+    n = np.array([1e6, 2e6, 4e6])
+    budgets = [1e15] * 3 + [1e16] * 3 + [1e17] * 3
+    losses = [3.0, 2.9, 2.95, 2.6, 2.5, 2.55, 2.6, 2.5, 2.45]
+    with pytest.raises(ValueError, match="C=1e.17: the parabola's minimum"):
+        chinchilla.fit_isoflop(budgets, np.concatenate([n, n, n]), losses)
+    fit = chinchilla.fit_isoflop(budgets, np.concatenate([n, n, n]), losses, strict=False)
+    assert list(fit.budgets) == [1e15, 1e16] and list(fit.skipped) == [1e17]
+    assert all(1e6 <= n_opt <= 4e6 for n_opt in fit.n_opt)
 
 
 def test_batched_lbfgs_minimizes_rosenbrock_from_every_start():

@@ -22,11 +22,11 @@ COMMON = {
     "eval.num_samples": 0,
     "checkpoint.every_steps": 500,
 }
-BUDGETS = (3e10, 1e11, 3e11)
+BUDGETS = (1e11, 3e11, 1e12)
 SIZES = {
-    3e10: (12e3, 25e3, 50e3, 100e3),
     1e11: (12e3, 25e3, 50e3, 100e3, 200e3),
     3e11: (25e3, 50e3, 100e3, 200e3, 400e3),
+    1e12: (25e3, 50e3, 100e3, 200e3, 400e3),
 }
 
 
