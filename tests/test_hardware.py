@@ -79,6 +79,15 @@ def test_cpu_peak_measured_on_a_busy_machine_is_not_cached(monkeypatch, tmp_path
     assert not (tmp_path / "lmjax" / "cpu_peak.json").exists()
 
 
+def test_a_higher_cpu_peak_replaces_the_cached_one_and_a_lower_does_not(monkeypatch, tmp_path):
+    monkeypatch.delenv(hardware.CPU_PEAK_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert hardware.record_cpu_peak(9e10) == 9e10
+    assert hardware.record_cpu_peak(1.5e11) == 1.5e11
+    assert hardware.record_cpu_peak(6e10) == 1.5e11
+    assert hardware.cpu_peak_flops() == 1.5e11
+
+
 def test_cpu_matmul_measurement_is_plausible():
     flops = hardware.measure_cpu_matmul_flops(n=256, reps=2)
     assert 1e8 < flops < 1e14
