@@ -36,6 +36,8 @@ setup(
         "notebooks": ["jupyter", "ipykernel>=6.29", "nbformat>=5.10"],
         # Compile-only TPU devices on any machine (lmjax.aot), and running on TPU VMs.
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        # gs:// workdirs (checkpoints, metrics, summaries through etils.epath; TensorBoard through google-cloud-storage).
+        "gcs": ["gcsfs>=2024.2"],
         "gpu": [f"jax[cuda12]>={JAX_VERSION}"],
     },
 )

@@ -106,4 +106,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from lmjax import cli
+
+    app.run(main, flags_parser=cli.parse_flags)

@@ -4,7 +4,8 @@ Collects the sweep (see `launch.collect`), fits Kaplan's L(N), L(D), L(C_min), C
 (when the sweep has IsoFLOP budgets) and approach 3, prints the parameters and the compute-optimal
 tokens per parameter, and writes `DIR/fits.json` and the figures in `DIR/plots/`. A fit the data
 cannot support (too few runs, a budget whose loss is not convex in N) is reported and skipped.
-N is the non-embedding parameter count, D the tokens seen, C = 6 N D.
+N is the parameter count the sweep chose (non-embedding unless its runs count the total), D the
+tokens seen, C = 6 N D.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import os
 import sys
 
 import numpy as np
+from etils import epath
 
 from launch import collect
+from lmjax import fileio
 from lmjax.scaling import chinchilla, kaplan
 
 
@@ -26,10 +29,10 @@ def usable(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["status"] in ("finished", "wsd") and r.get("final_val_loss") is not None]
 
 
-def fit_all(rows: list[dict], bootstrap: int = 0) -> dict:
+def fit_all(rows: list[dict], bootstrap: int = 0, isoflop_window: int | None = None) -> dict:
     """Every fit the rows support: {'kaplan': {...}, 'approach2': IsoFlopFit, 'approach3': ParametricFit, 'errors': {...}}."""
     rows = usable(rows)
-    n = np.array([r["non_embedding_params"] for r in rows], np.float64)
+    n = np.array([r["n_params"] for r in rows], np.float64)
     d = np.array([r["tokens"] for r in rows], np.float64)
     loss = np.array([r["final_val_loss"] for r in rows], np.float64)
     fits, errors = {"kaplan": {}}, {}
@@ -39,11 +42,11 @@ def fit_all(rows: list[dict], bootstrap: int = 0) -> dict:
             fits["kaplan"][key] = fit(x, loss)
         except ValueError as e:
             errors[f"kaplan {key}"] = str(e)
-    iso = [(r["budget"], r["non_embedding_params"], r["final_val_loss"]) for r in rows if r.get("budget")]
+    iso = [(r["budget"], r["n_params"], r["final_val_loss"]) for r in rows if r.get("budget")]
     try:
         if not iso:
             raise ValueError("no run belongs to an IsoFLOP budget")
-        fits["approach2"] = chinchilla.fit_isoflop(*zip(*iso), strict=False)
+        fits["approach2"] = chinchilla.fit_isoflop(*zip(*iso), strict=False, window=isoflop_window)
     except ValueError as e:
         errors["approach 2"] = str(e)
     try:
@@ -81,14 +84,14 @@ def write_plots(fits: dict, rows: list[dict], out_dir: str) -> list[str]:
     from lmjax.scaling import plots  # matplotlib only when figures are wanted
 
     rows = usable(rows)
-    n = np.array([r["non_embedding_params"] for r in rows], np.float64)
+    n = np.array([r["n_params"] for r in rows], np.float64)
     d = np.array([r["tokens"] for r in rows], np.float64)
     loss = np.array([r["final_val_loss"] for r in rows], np.float64)
     paths = [plots.save(plots.loss_vs_compute(6 * n * d, loss, fits["kaplan"].get("L(C)")),
                         os.path.join(out_dir, "loss_vs_compute.png"))]
     if "approach2" in fits:
         iso = [r for r in rows if r.get("budget")]
-        paths.append(plots.save(plots.isoflop_curves([r["budget"] for r in iso], [r["non_embedding_params"] for r in iso],
+        paths.append(plots.save(plots.isoflop_curves([r["budget"] for r in iso], [r["n_params"] for r in iso],
                                                      [r["final_val_loss"] for r in iso], fits["approach2"]),
                                 os.path.join(out_dir, "isoflop.png")))
         paths.append(plots.save(plots.optimal_allocation(fits["approach2"], fits.get("approach3")),
@@ -116,24 +119,31 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.analyze", description=__doc__.splitlines()[0])
     p.add_argument("--sweep_dir", required=True)
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap replicates for approach 3 intervals")
+    p.add_argument("--isoflop_window", type=int, default=0,
+                   help="approach 2: fit each parabola to this many sizes around the lowest loss (0: all)")
+    p.add_argument("--out_dir", default=None,
+                   help="results table, fits.json and plots/ (default: the sweep dir; for gs:// a local folder named after it)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if not os.path.isdir(args.sweep_dir):
+    if not epath.Path(args.sweep_dir).is_dir():
         print(f"error: --sweep_dir={args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
+    out_dir = args.out_dir or (os.path.basename(args.sweep_dir.rstrip("/")) if fileio.is_remote(args.sweep_dir)
+                               else args.sweep_dir)
+    os.makedirs(out_dir, exist_ok=True)
     rows = collect.collect(args.sweep_dir)
-    collect.write(rows, args.sweep_dir)
+    collect.write(rows, out_dir)
     left_out = [r["name"] for r in rows if r not in usable(rows)]
     if left_out:
         print(f"note: {len(left_out)} run(s) left out (no summary.json, unfinished or no val loss): {', '.join(left_out)}")
     if len(usable(rows)) < 2:
         print(f"error: {len(usable(rows))} finished runs with a val loss in {args.sweep_dir}; nothing to fit", file=sys.stderr)
         return 1
-    fits = fit_all(rows, args.bootstrap)
-    budgets = sorted({r["budget"] for r in usable(rows) if r.get("budget")}) or [max(6 * r["non_embedding_params"] * r["tokens"] for r in usable(rows))]
+    fits = fit_all(rows, args.bootstrap, args.isoflop_window or None)
+    budgets = sorted({r["budget"] for r in usable(rows) if r.get("budget")}) or [max(6 * r["n_params"] * r["tokens"] for r in usable(rows))]
     print(report(fits, budgets))
-    with open(os.path.join(args.sweep_dir, "fits.json"), "w") as f:
+    with open(os.path.join(out_dir, "fits.json"), "w") as f:
         json.dump(to_json(fits), f, indent=1)
-    for path in write_plots(fits, rows, os.path.join(args.sweep_dir, "plots")):
+    for path in write_plots(fits, rows, os.path.join(out_dir, "plots")):
         print(f"wrote {path}")
     return 0
 

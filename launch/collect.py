@@ -14,34 +14,40 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
 
-from launch import status
+from etils import epath
 
-COLUMNS = ("name", "status", "budget", "non_embedding_params", "param_count", "tokens", "flops",
+from launch import status
+from lmjax import fileio
+
+COLUMNS = ("name", "status", "budget", "n_params", "non_embedding_params", "param_count", "tokens", "flops",
            "final_val_loss", "final_train_loss", "steps", "train_flops", "wall_time_s")
 
 
 def _row(name: str, planned: dict, summary: dict | None) -> dict:
-    row = {"name": name, "budget": planned.get("budget"),
-           "non_embedding_params": planned.get("n_params"), "tokens": planned.get("tokens")}
+    """`n_params` is the N the sweep counts (planned `count`: non-embedding unless "total")."""
+    count_key = "param_count" if planned.get("count") == "total" else "non_embedding_params"
+    row = {"name": name, "budget": planned.get("budget"), "n_params": planned.get("n_params"),
+           "tokens": planned.get("tokens")}
     if summary is None:
         return {**row, "status": "missing"}
-    n = summary.get("non_embedding_params", row["non_embedding_params"])
+    n = summary.get(count_key, row["n_params"])
     d = summary.get("tokens_seen", row["tokens"])
     row.update({"status": "finished" if summary.get("completed") else "incomplete",
-                "non_embedding_params": n, "tokens": d, "flops": 6.0 * n * d if n and d else None,
-                **{k: summary.get(k) for k in ("param_count", "final_val_loss", "final_train_loss", "steps",
-                                               "train_flops", "wall_time_s")}})
+                "n_params": n, "tokens": d, "flops": 6.0 * n * d if n and d else None,
+                **{k: summary.get(k) for k in ("non_embedding_params", "param_count", "final_val_loss",
+                                               "final_train_loss", "steps", "train_flops", "wall_time_s")}})
     return row
 
 
 def _wsd_rows(row: dict, summary: dict | None) -> list[dict]:
     rows = []
     for point in (summary or {}).get("wsd_points", []):
-        n, d = row["non_embedding_params"], point["tokens"]
+        n, d = row["n_params"], point["tokens"]
         rows.append({**row, "name": f"{row['name']}@{point['step']}", "status": "wsd", "tokens": d,
                      "flops": 6.0 * n * d, "steps": point["step"], "final_val_loss": point["val_loss"],
                      "final_train_loss": None, "budget": None})
@@ -49,13 +55,13 @@ def _wsd_rows(row: dict, summary: dict | None) -> list[dict]:
 
 
 def collect(sweep_dir: str) -> list[dict]:
-    """Rows for every planned run (sweep.json) and every other run directory found; with curves."""
+    """Rows for every planned run (sweep.json) and every other directory holding a run's files; with curves."""
     planned = {}
-    manifest = os.path.join(sweep_dir, status.MANIFEST)
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            planned = {r["name"]: r for r in json.load(f)["runs"]}
-    found = sorted(d for d in os.listdir(sweep_dir) if os.path.isdir(os.path.join(sweep_dir, d)))
+    manifest = fileio.read_text(os.path.join(sweep_dir, status.MANIFEST))
+    if manifest is not None:
+        planned = {r["name"]: r for r in json.loads(manifest)["runs"]}
+    found = sorted(p.name for p in epath.Path(sweep_dir).iterdir()  # run dirs, not plots/ and the like
+                   if p.is_dir() and any((p / f).exists() for f in (status.SUMMARY, status.METRICS)))
     rows = []
     for name in list(planned) + [d for d in found if d not in planned]:
         workdir = os.path.join(sweep_dir, name)
@@ -69,12 +75,12 @@ def collect(sweep_dir: str) -> list[dict]:
 
 def write(rows: list[dict], sweep_dir: str) -> tuple[str, str]:
     csv_path, json_path = os.path.join(sweep_dir, "results.csv"), os.path.join(sweep_dir, "results.json")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(json_path, "w") as f:
-        json.dump({"runs": rows}, f, indent=1)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    fileio.write_atomic(csv_path, table.getvalue())
+    fileio.write_atomic(json_path, json.dumps({"runs": rows}, indent=1))
     return csv_path, json_path
 
 
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.collect", description=__doc__.splitlines()[0])
     p.add_argument("--sweep_dir", required=True)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if not os.path.isdir(args.sweep_dir):
+    if not epath.Path(args.sweep_dir).is_dir():
         print(f"error: --sweep_dir={args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
     rows = collect(args.sweep_dir)

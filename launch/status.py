@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from lmjax import fileio
+
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 MANIFEST = "sweep.json"  # the sweep's runs, written by the launcher into the sweep dir
@@ -13,8 +15,8 @@ MANIFEST = "sweep.json"  # the sweep's runs, written by the launcher into the sw
 def read_summary(workdir: str) -> dict | None:
     """The run's summary.json, or None when absent or unreadable (a run killed while writing it)."""
     try:
-        with open(os.path.join(workdir, SUMMARY)) as f:
-            return json.load(f)
+        text = fileio.read_text(os.path.join(workdir, SUMMARY))
+        return json.loads(text) if text is not None else None
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -29,12 +31,12 @@ def read_metrics(workdir: str) -> list[dict]:
     """The per-step records of metrics.jsonl; a torn last line (killed mid-write) is dropped."""
     records = []
     try:
-        with open(os.path.join(workdir, METRICS)) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+        text = fileio.read_text(os.path.join(workdir, METRICS)) or ""
     except OSError:
-        pass
+        return records
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     return records

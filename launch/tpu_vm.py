@@ -74,7 +74,7 @@ def workdir(opts: TpuOptions, run: Run) -> str:
 def install_command(opts: TpuOptions) -> str:
     """Run on every worker: fetch lmjax (or update it) and install it with the TPU extra."""
     return (f"(test -d ~/lmjax || git clone {shlex.quote(opts.repo_url)} ~/lmjax) && cd ~/lmjax && git pull --ff-only "
-            f"&& {opts.python} -m pip install -q -e '.[tpu]'")
+            f"&& {opts.python} -m pip install -q -e '.[tpu,gcs]'")
 
 
 def train_command(opts: TpuOptions, sweep: Sweep, run: Run) -> str:

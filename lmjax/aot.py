@@ -229,4 +229,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_slices", None, "Slices joined over DCN (default: config.mesh.num_slices).")
     flags.mark_flags_as_required(["config", "topology"])
     _FLAGS = flags.FLAGS
-    app.run(main)
+    from lmjax import cli
+
+    app.run(main, flags_parser=cli.parse_flags)

@@ -10,14 +10,13 @@ vocab_size below the tokenizer's, or eval/generate on a workdir with no checkpoi
 
 from __future__ import annotations
 
-import runpy
 import sys
 import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lmjax import trainer
+from lmjax import cli, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset file, e.g. configs/gpt_small.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, summary.json.")
@@ -30,42 +29,6 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "generate: sample among the k likelies
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass; 1.0 is off.")
 _SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed (same seed, same output).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _unknown_key_message(argv: list[str]) -> str | None:
-    """Which `--config.a.b=...` override names no key, and the keys that exist at that level.
-
-    config_flags reports only the last name ("'nope'"), so the preset is loaded again to find it.
-    """
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None:
-        return None
-    file, _, arg = path.partition(":")
-    get_config = runpy.run_path(file)["get_config"]
-    config = get_config(arg) if arg else get_config()
-    for flag in argv:
-        if not flag.startswith("--config."):
-            continue
-        node, seen = config, []
-        for part in flag[len("--config."):].split("=", 1)[0].split("."):
-            if not hasattr(node, "keys") or part not in node:
-                where = "config" + "".join(f".{s}" for s in seen)
-                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
-                return f"unknown config key {where}.{part} in {flag!r}; the keys of {where} are: {valid}"
-            node, seen = node[part], seen + [part]
-    return None
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with config override errors turned into one readable line."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        message = _unknown_key_message(argv) or f"bad config override: {e}"
-    except flags.Error as e:
-        message = str(e)
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _prompts() -> list[str]:
@@ -106,4 +69,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

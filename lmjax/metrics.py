@@ -5,7 +5,7 @@ and val_loss/val_ppl/val_bpb at evaluation steps); it is what sweeps and plots r
 first drops the lines after the step it resumed from, so the file reads as one uninterrupted run,
 and TensorBoard is told the same through `purge_step`.
 
-Only process 0 writes; the other processes of a multi-host run get a writer that does nothing.
+Workdirs may be local or gs:// (see `lmjax.fileio`). Only process 0 writes; the other processes of a multi-host run get a writer that does nothing.
 """
 
 from __future__ import annotations
@@ -13,23 +13,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any, Mapping
 
 import tensorboardX
+
+from lmjax import fileio
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
-def truncate_after(path: str, step: int) -> int:
-    """Drop the lines of a metrics.jsonl whose step is beyond `step`; returns how many were dropped.
-
-    Lines cut off mid-write by a kill (unparsable) are dropped too.
-    """
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        lines = f.readlines()
+def _kept_lines(lines: list[str], step: int) -> list[str]:
+    """The complete, parsable lines whose step is at most `step` (a kill can leave a torn last line)."""
     kept = []
     for line in lines:
         try:
@@ -38,31 +34,53 @@ def truncate_after(path: str, step: int) -> int:
             continue
         if line.endswith("\n") and record.get("step", math.inf) <= step:
             kept.append(line)
+    return kept
+
+
+def truncate_after(path: str, step: int) -> int:
+    """Drop the lines of a metrics.jsonl whose step is beyond `step`; returns how many were dropped.
+
+    Lines cut off mid-write by a kill (unparsable) are dropped too.
+    """
+    text = fileio.read_text(path)
+    if text is None:
+        return 0
+    lines = text.splitlines(keepends=True)
+    kept = _kept_lines(lines, step)
     if len(kept) != len(lines):
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        fileio.write_atomic(path, "".join(kept))
     return len(lines) - len(kept)
 
 
 def read_metrics(workdir: str) -> list[dict]:
     """All records of DIR/metrics.jsonl, in order (for notebooks, tests and sweep collectors)."""
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = fileio.read_text(os.path.join(workdir, METRICS_FILE))
+    if text is None:
+        raise FileNotFoundError(f"{os.path.join(workdir, METRICS_FILE)} does not exist")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class MetricsWriter:
-    """Appends records to metrics.jsonl and TensorBoard; `start_step` is the step the run resumed from."""
+    """Appends records to metrics.jsonl and TensorBoard; `start_step` is the step the run resumed from.
 
-    def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True):
+    A bucket object cannot be appended to, so in a gs:// workdir the lines are kept in memory and the
+    whole file is uploaded at most every `upload_every_s` seconds, and at flush and close.
+    """
+
+    def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True, upload_every_s: float = 60.0):
         self.enabled = enabled
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS_FILE)
+        self.remote = fileio.is_remote(workdir)
+        self.upload_every_s = upload_every_s
         truncate_after(self.path, start_step)
-        self.jsonl = open(self.path, "a")
+        if self.remote:
+            self.lines = (fileio.read_text(self.path) or "").splitlines(keepends=True)
+            self.uploaded_at = time.monotonic()
+        else:
+            os.makedirs(workdir, exist_ok=True)
+            self.jsonl = open(self.path, "a")
         self.tensorboard = tensorboardX.SummaryWriter(
             os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None
         )
@@ -71,11 +89,21 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            if time.monotonic() - self.uploaded_at >= self.upload_every_s:
+                self._upload()
+        else:
+            self.jsonl.write(line)
+            self.jsonl.flush()
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(key, value, step)
+
+    def _upload(self) -> None:
+        fileio.write_atomic(self.path, "".join(self.lines))
+        self.uploaded_at = time.monotonic()
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         if self.enabled:
@@ -83,23 +111,25 @@ class MetricsWriter:
 
     def flush(self) -> None:
         if self.enabled:
-            self.jsonl.flush()
+            if self.remote:
+                self._upload()
+            else:
+                self.jsonl.flush()
             self.tensorboard.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self.jsonl.close()
+            self.flush()
+            if not self.remote:
+                self.jsonl.close()
             self.tensorboard.close()
             self.enabled = False
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
     """DIR/summary.json, replaced atomically so a reader never sees half of it."""
-    path = os.path.join(workdir, SUMMARY_FILE)
-    with open(f"{path}.tmp", "w") as f:
-        json.dump({k: _plain(v) for k, v in summary.items()}, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(f"{path}.tmp", path)
+    text = json.dumps({k: _plain(v) for k, v in summary.items()}, indent=2, default=str) + "\n"
+    fileio.write_atomic(os.path.join(workdir, SUMMARY_FILE), text)
 
 
 def format_duration(seconds: float) -> str:

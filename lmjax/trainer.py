@@ -18,9 +18,10 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from ml_collections import config_dict
 
-from lmjax import checkpointing, data, hardware, metrics, model, preemption, sharding
+from lmjax import checkpointing, data, fileio, hardware, metrics, model, preemption, sharding
 from lmjax import train as train_lib
 from lmjax.config_checks import RUNTIME_MODEL_KEYS, check_config, config_json, fill_vocab_size
 from lmjax.evaluation import eval_batches, evaluate_params, log_samples, sample_texts, unigram_entropy
@@ -37,7 +38,7 @@ def _pin_tokenizer(config: config_dict.ConfigDict, workdir: str) -> None:
     """A run keeps using the SentencePiece model it started with (saved as DIR/tokenizer.model),
     even if the cache is cleared or `data.source` points elsewhere for an evaluation."""
     path = os.path.join(workdir, TOKENIZER_FILE)
-    if config.data.tokenizer == "sentencepiece" and not config.data.tokenizer_path and os.path.isfile(path):
+    if config.data.tokenizer == "sentencepiece" and not config.data.tokenizer_path and epath.Path(path).exists():
         config.data.tokenizer_path = path
 
 
@@ -134,7 +135,6 @@ def train(config: config_dict.ConfigDict, workdir: str) -> dict:
 
     # The config has passed every check: from here on files are written.
     if is_main and hasattr(tokenizer, "save") and not config.data.tokenizer_path:
-        os.makedirs(workdir, exist_ok=True)
         tokenizer.save(os.path.join(workdir, TOKENIZER_FILE))
     restored = setup.restore(workdir, read_only=False)
     if restored is None:
@@ -261,11 +261,8 @@ def _peak_flops_per_device() -> float | None:
 
 
 def _read_summary(workdir: str) -> dict:
-    path = os.path.join(workdir, metrics.SUMMARY_FILE)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    text = fileio.read_text(os.path.join(workdir, metrics.SUMMARY_FILE))
+    return json.loads(text) if text is not None else {}
 
 
 def final_report(summary: dict) -> str:

@@ -158,3 +158,15 @@ def test_unknown_slice_names_the_known_ones():
 def test_named_slices_cover_the_issue_list():
     for name in ("v4-8", "v4-128", "v5e-8", "v5e-256", "v5litepod-16", "v5p-8", "v5p-128", "v6e-8", "v6e-256"):
         assert hardware.get_slice(name).num_devices >= 4
+
+
+def test_unknown_config_key_is_one_line_naming_the_key():
+    """The same override check as lmjax.main (lmjax.cli): no traceback, the whole key, the valid ones."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmjax.aot", "--config=configs/gpt2_124m.py", "--topology=v5e-16",
+         "--config.model.num_layer=6"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 2
+    assert "unknown config key config.model.num_layer" in proc.stderr and "num_layers" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

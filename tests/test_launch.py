@@ -1,6 +1,7 @@
 """The sweep launcher: the tpu-vm backend against a fake gcloud, bad input, collect, and a local sweep."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -62,6 +63,7 @@ def test_tpu_vm_creates_runs_on_all_workers_and_deletes_each_slice(gcloud):
                           "--runtime-version=v2-alpha-tpuv5-lite", "--spot"]
         for ssh in (install, train):
             assert ssh[:5] == ["compute", "tpus", "tpu-vm", "ssh", node] and "--worker=all" in ssh
+        assert "pip install -q -e '.[tpu,gcs]'" in install[-1]  # gcsfs: the run writes its files to gs://
         assert f"--workdir=gs://my-bucket/sweeps/tiny/{run.name}" in train[-1]
         assert f"--config.name={run.name}" in train[-1]
         assert delete[:5] == ["compute", "tpus", "queued-resources", "delete", node] and "--force" in delete
@@ -197,6 +199,24 @@ def test_collect_reports_a_missing_summary_without_failing(tmp_path, capsys):
     assert float(rows[0]["flops"]) == 6 * 1100 * 5120
     runs = json.load(open(tmp_path / "results.json"))["runs"]
     assert runs[0]["curve"] == [{"step": 5, "loss": 4.0}, {"step": 10, "loss": 3.6, "val_loss": 3.5}]
+
+
+def test_collect_counts_n_the_way_the_sweep_planned_it(tmp_path):
+    """A sweep with count="total" plans N as every parameter; collect reads param_count for it, not
+    the non-embedding count, so C = 6 N D means the same in the plan and in the fits."""
+    base = sweeps.load_config("configs/gpt_small.py", {"data.vocab_size": 1024, "data.seq_len": 128, "train.batch_size": 8})
+    opts = sweeps.RunOptions(num_layers=2, head_dim=8, count="total", min_steps=5)
+    (run,) = sweeps.isoflop(base, [1e10], [62e3], opts)
+    assert run.count == "total" and run.n_params == 62336 and run.overrides["model.embed_dim"] == 32
+    manifest = {"name": "s", "base_config": "x", "overrides": {}, "runs": [dataclasses.asdict(run)]}
+    (tmp_path / "sweep.json").write_text(json.dumps(manifest))
+    (tmp_path / run.name).mkdir()
+    (tmp_path / run.name / "summary.json").write_text(json.dumps(
+        {"completed": True, "non_embedding_params": 25472, "param_count": 62336, "tokens_seen": run.tokens,
+         "final_val_loss": 3.5}))
+    (row,) = collect.collect(str(tmp_path))
+    assert row["n_params"] == 62336 and row["non_embedding_params"] == 25472
+    assert row["flops"] == 6 * 62336 * run.tokens
 
 
 def test_collect_turns_wsd_decay_points_into_rows(tmp_path):

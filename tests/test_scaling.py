@@ -32,6 +32,16 @@ def test_shape_rule_hits_target_counts_at_the_aspect_ratio(base, target):
         assert abs(closed / shape.non_embedding_params - 1) < 0.02  # 12 L d^2 is param_count less biases/norms
 
 
+def test_shape_rule_at_fixed_depth_scales_only_the_width(base):
+    """Widths 16..128 at 2 layers: the count is the exact one of the nearest width, depth never moves."""
+    found = [shapes.shape_for_params(n, base.model, head_dim=8, num_layers=2) for n in (6e3, 14e3, 25e3, 56e3, 1e5, 2.2e5)]
+    assert [s.num_layers for s in found] == [2] * 6
+    assert [s.embed_dim for s in found] == [16, 24, 32, 48, 64, 96]
+    assert all(s.non_embedding_params == shapes.count_non_embedding(base.model, 2, s.embed_dim, 8) for s in found)
+    with pytest.raises(ValueError, match="2 layers"):
+        shapes.shape_for_params(1e3, base.model, head_dim=8, num_layers=2)
+
+
 def test_shape_rule_refuses_a_size_below_one_layer(base):
     with pytest.raises(ValueError, match="smallest shape has"):
         shapes.shape_for_params(500, base.model, head_dim=32)
@@ -115,6 +125,27 @@ def test_approach2_leaves_out_budgets_whose_minimum_is_not_sampled_when_not_stri
     fit = chinchilla.fit_isoflop(budgets, np.concatenate([n, n, n]), losses, strict=False)
     assert list(fit.budgets) == [1e15, 1e16] and list(fit.skipped) == [1e17]
     assert all(1e6 <= n_opt <= 4e6 for n_opt in fit.n_opt)
+
+
+def test_approach2_window_fits_the_sizes_around_the_minimum_and_ignores_flat_tails():
+    """Tiny sweeps flatten far from the optimum (the largest models barely train); a window of sizes
+    centred on the lowest loss recovers the vertex that a whole-profile parabola misses."""
+    n = np.geomspace(1e4, 1e6, 7)
+    budgets, n_all, losses, n_true = [], [], [], []
+    for c, n_star in ((1e12, 4e4), (1e13, 1.2e5)):
+        profile = 3.0 + 0.3 * np.log(n / n_star) ** 2  # an exact parabola in log N, minimum at n_star
+        profile[n > 3 * n_star] = profile[n <= 3 * n_star].max()  # a plateau: the untrained large models
+        budgets += [c] * n.size
+        n_all += list(n)
+        losses += list(profile)
+        n_true.append(n_star)
+    whole = chinchilla.fit_isoflop(budgets, n_all, losses)
+    windowed = chinchilla.fit_isoflop(budgets, n_all, losses, window=3)
+    assert np.allclose(windowed.n_opt, n_true, rtol=1e-6)
+    assert np.all(np.abs(np.log(whole.n_opt / n_true)) > 0.1)  # the plateau drags the whole-profile vertex
+    assert np.allclose(windowed.fit_ranges[0], [n[1], n[3]])  # the lowest loss (n[2]) and its neighbours
+    with pytest.raises(ValueError, match="window=2"):
+        chinchilla.fit_isoflop(budgets, n_all, losses, window=2)
 
 
 def test_batched_lbfgs_minimizes_rosenbrock_from_every_start():

@@ -29,7 +29,9 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
+from lmjax import fileio
 from lmjax.data import sources
 
 SPM_PAD, SPM_UNK, SPM_BOS, SPM_EOS = 0, 1, 2, 3
@@ -65,11 +67,10 @@ class SentencePieceTokenizer:
 
     @classmethod
     def load(cls, path: str) -> "SentencePieceTokenizer":
-        path = os.path.expanduser(path)
-        if not os.path.isfile(path):
+        path = os.path.expanduser(path)  # local or gs:// (a tokenizer pinned in a bucket workdir)
+        if not epath.Path(path).is_file():
             raise FileNotFoundError(f"data.tokenizer_path {path!r} does not exist")
-        with open(path, "rb") as f:
-            return cls(f.read())
+        return cls(epath.Path(path).read_bytes())
 
     def encode(self, text: str) -> list[int]:
         return self.processor.encode(text)
@@ -134,12 +135,8 @@ def cache_dir(data_cfg) -> str:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    """Write via a temporary file and rename, so concurrent runs never read a half-written cache."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Concurrent runs never read a half-written cache (see `lmjax.fileio`)."""
+    fileio.write_atomic(path, data)
 
 
 def training_sentences(docs: Sequence[str], max_sentences: int) -> list[str]:

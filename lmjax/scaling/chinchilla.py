@@ -52,45 +52,60 @@ class IsoFlopFit:
     n_law: PowerLaw  # N_opt = n_law(C): n_law.exponent is a
     d_law: PowerLaw  # D_opt = d_law(C): d_law.exponent is b
     skipped: dict = dataclasses.field(default_factory=dict)  # budget -> why its profile was left out
+    fit_ranges: np.ndarray | None = None  # [budgets, 2]: smallest and largest N each parabola saw
 
 
 def fit_isoflop(
-    budgets: Sequence[float], n_params: Sequence[float], losses: Sequence[float], strict: bool = True
+    budgets: Sequence[float], n_params: Sequence[float], losses: Sequence[float], strict: bool = True,
+    window: int | None = None,
 ) -> IsoFlopFit:
     """Approach 2 from runs tagged with the budget C of their IsoFLOP profile.
 
-    A profile whose parabola is not convex, or whose minimum lies outside the sizes it sampled, says
-    nothing reliable about N_opt: `strict` raises on it; otherwise it is left out and named in
+    `window`: fit each parabola to only this many sizes (at least 3), centred on the size with the
+    lowest loss. Far from the optimum a profile stops being a parabola in log N (the largest models of
+    a small budget get so few steps that they all sit near the unigram loss), and those tails would
+    drag the vertex away; None fits every size, as Hoffmann et al. do with profiles sampled near
+    their minima.
+
+    A profile whose parabola is not convex, or whose minimum lies outside the sizes it was fitted to,
+    says nothing reliable about N_opt: `strict` raises on it; otherwise it is left out and named in
     `skipped` (the remaining profiles must still number at least two).
     """
     budgets, n_params, losses = (np.asarray(v, np.float64) for v in (budgets, n_params, losses))
+    if window is not None and window < 3:
+        raise ValueError(f"window={window}: a parabola needs at least 3 sizes")
     rows, skipped = [], {}
     for c in np.unique(budgets):
         pick = budgets == c
         if pick.sum() < 3:
             raise ValueError(f"IsoFLOP budget C={c:.3g} has {pick.sum()} runs; a parabola needs at least 3")
-        log_n_sampled = np.log(n_params[pick])
-        p = np.polyfit(log_n_sampled, losses[pick], 2)
+        order = np.argsort(n_params[pick])
+        n_c, loss_c = n_params[pick][order], losses[pick][order]
+        if window is not None and window < len(n_c):
+            start = int(np.clip(np.argmin(loss_c) - window // 2, 0, len(n_c) - window))
+            n_c, loss_c = n_c[start:start + window], loss_c[start:start + window]
+        log_n_sampled = np.log(n_c)
+        p = np.polyfit(log_n_sampled, loss_c, 2)
         problem = None
         if p[0] <= 0:
             problem = (f"IsoFLOP budget C={c:.3g}: loss is not convex in log N (curvature {p[0]:.3g}); "
                        "widen the range of model sizes so the minimum lies inside it")
         elif not log_n_sampled.min() <= -p[1] / (2 * p[0]) <= log_n_sampled.max():
             problem = (f"IsoFLOP budget C={c:.3g}: the parabola's minimum N={np.exp(-p[1] / (2 * p[0])):.3g} lies "
-                       f"outside the sampled sizes [{n_params[pick].min():.3g}, {n_params[pick].max():.3g}]")
+                       f"outside the sizes it was fitted to [{n_c.min():.3g}, {n_c.max():.3g}]")
         if problem:
             if strict:
                 raise ValueError(problem)
             skipped[float(c)] = problem
             continue
         log_n = -p[1] / (2 * p[0])
-        rows.append((c, p, np.exp(log_n), np.polyval(p, log_n)))
+        rows.append((c, p, np.exp(log_n), np.polyval(p, log_n), (n_c.min(), n_c.max())))
     if len(rows) < 2:
         raise ValueError("approach 2 needs at least 2 compute budgets with a minimum inside their sizes to fit "
                          f"N_opt(C); left out: {list(skipped.values()) or 'none'}")
-    c, p, n_opt, loss_opt = (np.array(v) for v in zip(*rows))
+    c, p, n_opt, loss_opt, ranges = (np.array(v) for v in zip(*rows))
     d_opt = c / (6 * n_opt)
-    return IsoFlopFit(c, p, n_opt, d_opt, loss_opt, _growth_law(c, n_opt), _growth_law(c, d_opt), skipped)
+    return IsoFlopFit(c, p, n_opt, d_opt, loss_opt, _growth_law(c, n_opt), _growth_law(c, d_opt), skipped, ranges)
 
 
 def _growth_law(c: np.ndarray, y: np.ndarray) -> PowerLaw:

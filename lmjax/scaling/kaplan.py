@@ -51,15 +51,26 @@ def fit_power_law(x: Sequence[float], loss: Sequence[float]) -> PowerLaw:
     return PowerLaw(scale=float(np.exp(intercept / alpha)), exponent=float(alpha))
 
 
-def frontier(x: Sequence[float], loss: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """The lower envelope: for each distinct x the lowest loss, kept only if below all smaller x's."""
+def frontier(x: Sequence[float], loss: Sequence[float], rel_tol: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """The lower envelope: the lowest loss of each x, kept only if below all smaller x's.
+
+    x values within `rel_tol` of each other count as one (the runs of one IsoFLOP budget differ in
+    compute by a rounded step or two), so the envelope does not zigzag within a budget.
+    """
     x, loss = np.asarray(x, np.float64), np.asarray(loss, np.float64)
+    order = np.argsort(x, kind="stable")
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and x[i] <= x[groups[-1][0]] * (1 + rel_tol):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
     xs, best = [], []
-    for value in np.unique(x):
-        low = loss[x == value].min()
-        if not best or low < best[-1]:
-            xs.append(value)
-            best.append(low)
+    for group in groups:
+        i = min(group, key=lambda j: loss[j])
+        if not best or loss[i] < best[-1]:
+            xs.append(x[i])
+            best.append(loss[i])
     return np.array(xs), np.array(best)
 
 

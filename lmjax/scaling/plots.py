@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -23,6 +24,21 @@ def _subplots(ncols: int = 1, figsize=(6, 4.5)):
     return fig, fig.subplots(1, ncols)
 
 
+def _finish(fig):
+    """Readable log axes (ticks at 1-9, 1/2/5 or 1 x 10^k by the span, labelled like 2e+11), tight layout."""
+    for ax in fig.axes:
+        for axis, scale, (lo, hi) in ((ax.xaxis, ax.get_xscale(), ax.get_xlim()), (ax.yaxis, ax.get_yscale(), ax.get_ylim())):
+            if scale != "log" or lo <= 0:
+                continue
+            span = np.log10(hi / lo)
+            subs = np.arange(1.0, 10.0) if span < 1 else (1.0, 2.0, 5.0) if span < 3 else (1.0,)
+            axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
+            axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    fig.tight_layout()
+    return fig
+
+
 def _budget_colours(budgets: np.ndarray):
     cmap = matplotlib.colormaps["viridis"]
     return {c: cmap(0.85 * i / max(len(budgets) - 1, 1)) for i, c in enumerate(budgets)}  # no pale yellow
@@ -32,18 +48,22 @@ def isoflop_curves(budgets, n_params, losses, fit: IsoFlopFit):
     """Loss vs N for each budget, the fitted parabola (in log N) and its minimum."""
     budgets, n_params, losses = (np.asarray(v, np.float64) for v in (budgets, n_params, losses))
     fig, ax = _subplots()
-    colours = _budget_colours(fit.budgets)
-    for c, p, n_opt, l_opt in zip(fit.budgets, fit.parabolas, fit.n_opt, fit.loss_opt):
+    colours = _budget_colours(np.unique(budgets))
+    for c in sorted(set(np.unique(budgets)) - set(fit.budgets)):  # profiles approach 2 left out
+        pick = budgets == c
+        ax.scatter(n_params[pick], losses[pick], facecolor="none", edgecolor=colours[c],
+                   label=f"C = {c:.1e} (left out)")
+    for i, (c, p, n_opt, l_opt) in enumerate(zip(fit.budgets, fit.parabolas, fit.n_opt, fit.loss_opt)):
         pick = budgets == c
         ax.scatter(n_params[pick], losses[pick], color=colours[c], label=f"C = {c:.1e}")
-        log_n = np.linspace(np.log(n_params[pick].min()) - 0.2, np.log(n_params[pick].max()) + 0.2, 100)
+        lo, hi = fit.fit_ranges[i] if fit.fit_ranges is not None else (n_params[pick].min(), n_params[pick].max())
+        log_n = np.linspace(np.log(lo) - 0.2, np.log(hi) + 0.2, 100)  # the parabola where it was fitted
         ax.plot(np.exp(log_n), np.polyval(p, log_n), color=colours[c], alpha=0.7)
         ax.scatter([n_opt], [l_opt], color=colours[c], marker="*", s=200, edgecolor="k", zorder=3)
-    ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="loss",
+    ax.set(xscale="log", xlabel="parameters N", ylabel="loss",
            title="IsoFLOP profiles (stars: fitted minima)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
 
 
 def loss_vs_compute(flops, losses, law: PowerLaw | None = None):
@@ -59,8 +79,7 @@ def loss_vs_compute(flops, losses, law: PowerLaw | None = None):
     ax.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="loss",
            title="Loss vs compute")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
 
 
 def optimal_allocation(fit: IsoFlopFit, parametric: ParametricFit | None = None):
@@ -75,8 +94,7 @@ def optimal_allocation(fit: IsoFlopFit, parametric: ParametricFit | None = None)
             ax.plot(xs, n3 if label == "N_opt" else d3, "--", color="C1", label="approach 3")
         ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel=label)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
 
 
 def loss_contours(fit: ParametricFit, n_params, n_tokens, flops_lines=()):
@@ -96,10 +114,9 @@ def loss_contours(fit: ParametricFit, n_params, n_tokens, flops_lines=()):
     for c in flops_lines:
         ax.plot(ns, c / (6 * ns), ":", color="w", lw=1)
     ax.set(xscale="log", yscale="log", xlim=(ns[0], ns[-1]), ylim=(ds[0], ds[-1]),
-           xlabel="non-embedding parameters N", ylabel="tokens D", title="L(N, D) = E + A/N^a + B/D^b")
+           xlabel="parameters N", ylabel="tokens D", title="L(N, D) = E + A/N^a + B/D^b")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
 
 
 def save(fig, path: str) -> str:

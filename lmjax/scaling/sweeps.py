@@ -8,7 +8,8 @@ generators here:
 - `kaplan`: sizes only, all on the same (large) number of tokens (Kaplan's L(N));
 - `wsd`: the grid's token budgets from one warmup-stable-decay run per size, each smaller budget
   recorded at a decay point (needs the trainer to honour `optim.wsd_decay_points`).
-Sizes are non-embedding parameter counts turned into shapes by `shapes.shape_for_params`; tokens
+Sizes are parameter counts (non-embedding by default, or total: `RunOptions.count`) turned into
+shapes by `shapes.shape_for_params`; tokens
 become `train.steps = D / (batch_size * seq_len)`, so the run's real D is a whole number of steps.
 Run names are stable and readable (`isoflop_C1e14_N2.1M`): they name the workdirs, so re-running
 a sweep finds its finished runs.
@@ -33,10 +34,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 class Run:
     name: str
     overrides: dict[str, Any]  # 'section.key' -> value, this run's own
-    n_params: int  # non-embedding parameters of its shape
+    n_params: int  # the N of C = 6 N D: its shape's non-embedding (or, with count="total", all) parameters
     tokens: int  # training tokens: steps * batch_size * seq_len
     budget: float | None = None  # the C of its IsoFLOP profile, None outside isoflop sweeps
     accelerator: str | None = None  # tpu-vm: slice type for this run (e.g. v4-32); None: --accelerator_type
+    count: str = "non_embedding"  # what n_params counts; `collect` reads the same count from summary.json
 
     @property
     def flops(self) -> float:
@@ -115,6 +117,8 @@ class RunOptions:
     """How generators turn (size, tokens) into a run; one set per sweep."""
 
     aspect_ratio: float = 32.0  # d_model / n_layers of every shape
+    num_layers: int | None = None  # fixed depth, only the width scales (ignores aspect_ratio)
+    count: str = "non_embedding"  # N counts "non_embedding" (Kaplan) or "total" (Hoffmann) parameters
     head_dim: int = 32
     warmup_fraction: float = 0.1  # optim.warmup_steps = this share of each run's steps
     min_steps: int = 10  # fewer steps than this is not a training run: refuse it
@@ -123,12 +127,16 @@ class RunOptions:
 def make_run(name: str, base: config_dict.ConfigDict, n_params: float, tokens_for: Callable[[int], float],
              opts: RunOptions, budget: float | None = None) -> Run:
     """One run: the shape nearest `n_params`, trained for the whole number of steps nearest
-    `tokens_for(its exact non-embedding count)`."""
+    `tokens_for(its exact count)`."""
+    model_cfg = base.model
+    if opts.count == "total" and model_cfg.get("vocab_size") is None and base.data.tokenizer == "sentencepiece":
+        model_cfg = config_dict.ConfigDict({**model_cfg.to_dict(), "vocab_size": base.data.vocab_size})  # as trained
     try:
-        shape = shapes.shape_for_params(n_params, base.model, aspect_ratio=opts.aspect_ratio, head_dim=opts.head_dim)
+        shape = shapes.shape_for_params(n_params, model_cfg, aspect_ratio=opts.aspect_ratio, head_dim=opts.head_dim,
+                                        num_layers=opts.num_layers, count=opts.count)
     except ValueError as e:
         raise ValueError(f"run {name}: {e}") from None
-    tokens = tokens_for(shape.non_embedding_params)
+    tokens = tokens_for(shape.params)
     per_step = int(base.train.batch_size) * int(base.data.seq_len)
     steps = round(tokens / per_step)
     if steps < opts.min_steps:
@@ -139,7 +147,7 @@ def make_run(name: str, base: config_dict.ConfigDict, n_params: float, tokens_fo
         )
     overrides = {**shape.overrides(), "train.steps": steps,
                  "optim.warmup_steps": max(1, round(opts.warmup_fraction * steps))}
-    return Run(name, overrides, shape.non_embedding_params, steps * per_step, budget)
+    return Run(name, overrides, shape.params, steps * per_step, budget, count=opts.count)
 
 
 def isoflop(base: config_dict.ConfigDict, budgets: Sequence[float],
