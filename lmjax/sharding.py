@@ -26,19 +26,21 @@ def maybe_initialize_distributed() -> bool:
     """Starts JAX's multi-process runtime when the environment says this is one of several hosts.
 
     Must run before anything touches the devices. On a TPU VM pod slice every worker sees the
-    other workers' hostnames; Slurm and Open MPI publish the task count; an explicit coordinator
-    address covers the rest (multi-node GPU). Returns whether it initialized.
+    other workers' hostnames; Slurm and Open MPI publish the task count; anywhere else (multi-node
+    GPU, or several CPU processes on one machine) set JAX_COORDINATOR_ADDRESS=host:port,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process. Returns whether it initialized.
     """
     tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    multi_process = (
-        bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
-        or len(tpu_hosts) > 1
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    )
-    if not multi_process or jax.distributed.is_initialized():
+    detected = (len(tpu_hosts) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+                or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if not (detected or os.environ.get("JAX_COORDINATOR_ADDRESS")) or jax.distributed.is_initialized():
         return False
-    jax.distributed.initialize()
+    explicit = {key: int(os.environ[var]) for key, var in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                           ("process_id", "JAX_PROCESS_ID")) if os.environ.get(var)}
+    if not detected and len(explicit) < 2:
+        raise ValueError("JAX_COORDINATOR_ADDRESS is set but not both JAX_NUM_PROCESSES and JAX_PROCESS_ID: "
+                         "outside TPU VMs, Slurm and Open MPI nothing else tells a process the other two")
+    jax.distributed.initialize(**explicit)
     return True
 
 

@@ -1,0 +1,123 @@
+"""Multi-host training, simulated: two JAX processes with two CPU devices each equal one with four.
+
+The processes find each other through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+(`lmjax.sharding.maybe_initialize_distributed`) and talk over gloo, as the hosts of a pod slice talk
+over the interconnect. Each reads only its half of every batch, process 0 alone writes
+metrics.jsonl and summary.json, and both write their shards of each checkpoint into one workdir.
+A SIGTERM to both (a preemption) stops them at the same step through JAX's preemption sync point;
+restarted, they finish the run as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_main import REPO, main_env, write_tiny_preset
+
+STEPS = 40
+DEVICES = "--xla_force_host_platform_device_count={}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start(preset: str, workdir: str, process_id: int | None, port: int | None, devices: int) -> subprocess.Popen:
+    env = dict(main_env(), XLA_FLAGS=DEVICES.format(devices))
+    if process_id is not None:
+        env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
+    return subprocess.Popen([sys.executable, "-m", "lmjax.main", f"--config={preset}", f"--workdir={workdir}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def start_pair(preset: str, workdir: str) -> list[subprocess.Popen]:
+    port = free_port()
+    return [start(preset, workdir, i, port, devices=2) for i in (0, 1)]
+
+
+def finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+    for p, out in zip(processes, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def records(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_run(a: list[dict], b: list[dict]) -> None:
+    """Same steps and learning rates; losses and gradient norms equal up to the order of reductions."""
+    assert [(r["step"], r["lr"]) for r in a] == [(r["step"], r["lr"]) for r in b]
+    for key in ("loss", "grad_norm", "val_loss"):
+        x = [r.get(key) for r in a]
+        y = [r.get(key) for r in b]
+        assert [v is None for v in x] == [v is None for v in y], key
+        assert max(abs(u - v) / abs(u) for u, v in zip(x, y) if u is not None) < 1e-5, key
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("multiprocess"))
+    preset = write_tiny_preset(directory, steps=STEPS)
+    reference = os.path.join(directory, "one_process")
+    finish([start(preset, reference, None, None, devices=4)])
+    return directory, preset, reference
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_same_devices(runs):
+    directory, preset, reference = runs
+    workdir = os.path.join(directory, "two_processes")
+    outputs = finish(start_pair(preset, workdir))
+    assert "final val loss" in outputs[0]
+    assert_same_run(records(reference), records(workdir))
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["completed"] and summary["steps"] == STEPS
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == sorted(
+        os.listdir(os.path.join(reference, "checkpoints")))
+
+
+@pytest.mark.slow
+def test_preempted_processes_stop_at_one_step_and_resume_to_the_same_run(runs):
+    directory, preset, reference = runs
+    workdir = os.path.join(directory, "preempted")
+    pair = start_pair(preset, workdir)
+    lines = []
+    for line in pair[0].stdout:  # process 0 prints the progress lines
+        lines.append(line)
+        if re.match(r"step +10/", line):
+            break
+    for p in pair:
+        p.send_signal(signal.SIGTERM)
+    output = "".join(lines) + finish(pair)[0]
+    stopped = re.findall(r"SIGTERM: saved a checkpoint at step (\d+)", output)
+    assert stopped and 10 <= int(stopped[0]) < STEPS, output[-2000:]
+    assert os.listdir(os.path.join(workdir, "checkpoints")).count(stopped[0]) == 1
+    time.sleep(0.5)  # the coordinator's port is free again before the pair restarts
+    finish(start_pair(preset, workdir))
+    assert_same_run(records(reference), records(workdir))
+
+
+def test_a_coordinator_address_alone_is_a_named_error(monkeypatch):
+    from lmjax import sharding
+
+    for var in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
+        sharding.maybe_initialize_distributed()
