@@ -4,8 +4,8 @@ Collects the sweep (see `launch.collect`), fits Kaplan's L(N), L(D), L(C_min), C
 (when the sweep has IsoFLOP budgets) and approach 3, prints the parameters and the compute-optimal
 tokens per parameter, and writes `DIR/fits.json` and the figures in `DIR/plots/`. A fit the data
 cannot support (too few runs, a budget whose loss is not convex in N) is reported and skipped.
-N is the parameter count the sweep chose (non-embedding unless its runs count the total), D the
-tokens seen, C = 6 N D.
+D is the tokens seen and C = 6 N D. N is the non-embedding parameter count for Kaplan's laws, and
+the count the sweep chose (non-embedding unless its runs count the total) for Chinchilla's.
 """
 
 from __future__ import annotations
@@ -29,15 +29,25 @@ def usable(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["status"] in ("finished", "wsd") and r.get("final_val_loss") is not None]
 
 
+def kaplan_params(rows: list[dict]) -> np.ndarray:
+    """Kaplan et al.'s N: non-embedding parameters, whatever the sweep counted (the sweep's N if unknown)."""
+    return np.array([r.get("non_embedding_params") or r["n_params"] for r in rows], np.float64)
+
+
 def fit_all(rows: list[dict], bootstrap: int = 0, isoflop_window: int | None = None) -> dict:
-    """Every fit the rows support: {'kaplan': {...}, 'approach2': IsoFlopFit, 'approach3': ParametricFit, 'errors': {...}}."""
+    """Every fit the rows support: {'kaplan': {...}, 'approach2': IsoFlopFit, 'approach3': ParametricFit, 'errors': {...}}.
+
+    Kaplan's laws take N as non-embedding parameters (their convention); the Chinchilla approaches take
+    the N the sweep counted (`n_params`), so that their C = 6 N D is the one the budgets were set in.
+    """
     rows = usable(rows)
     n = np.array([r["n_params"] for r in rows], np.float64)
+    n_kaplan = kaplan_params(rows)
     d = np.array([r["tokens"] for r in rows], np.float64)
     loss = np.array([r["final_val_loss"] for r in rows], np.float64)
     fits, errors = {"kaplan": {}}, {}
-    for key, x, fit in (("L(N)", n, kaplan.fit_loss_vs_params), ("L(D)", d, kaplan.fit_loss_vs_tokens),
-                        ("L(C)", 6 * n * d, kaplan.fit_loss_vs_compute)):
+    for key, x, fit in (("L(N)", n_kaplan, kaplan.fit_loss_vs_params), ("L(D)", d, kaplan.fit_loss_vs_tokens),
+                        ("L(C)", 6 * n_kaplan * d, kaplan.fit_loss_vs_compute)):
         try:
             fits["kaplan"][key] = fit(x, loss)
         except ValueError as e:
@@ -58,7 +68,8 @@ def fit_all(rows: list[dict], bootstrap: int = 0, isoflop_window: int | None = N
 
 
 def report(fits: dict, budgets: list[float]) -> str:
-    lines = [f"Kaplan {k}: {law}  (exponent {law.exponent:.4f})" for k, law in fits["kaplan"].items()]
+    lines = [f"Kaplan {k}: {law}  (exponent {law.exponent:.4f}{'' if k == 'L(D)' else '; N non-embedding'})"
+             for k, law in fits["kaplan"].items()]
     if "approach2" in fits:
         f2 = fits["approach2"]
         lines.append(f"Chinchilla approach 2: N_opt ~ C^{f2.n_law.exponent:.3f}, D_opt ~ C^{f2.d_law.exponent:.3f}")
@@ -87,7 +98,7 @@ def write_plots(fits: dict, rows: list[dict], out_dir: str) -> list[str]:
     n = np.array([r["n_params"] for r in rows], np.float64)
     d = np.array([r["tokens"] for r in rows], np.float64)
     loss = np.array([r["final_val_loss"] for r in rows], np.float64)
-    paths = [plots.save(plots.loss_vs_compute(6 * n * d, loss, fits["kaplan"].get("L(C)")),
+    paths = [plots.save(plots.loss_vs_compute(6 * kaplan_params(rows) * d, loss, fits["kaplan"].get("L(C)")),
                         os.path.join(out_dir, "loss_vs_compute.png"))]
     if "approach2" in fits:
         iso = [r for r in rows if r.get("budget")]

@@ -76,7 +76,7 @@ def loss_vs_compute(flops, losses, law: PowerLaw | None = None):
     if law is not None:
         xs = np.geomspace(flops.min(), flops.max() * 3, 100)
         ax.plot(xs, law(xs), "--", color="k", label=f"L(C) ~ C^-{law.exponent:.3f}")
-    ax.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="loss",
+    ax.set(xscale="log", yscale="log", xlabel="compute C = 6ND, N non-embedding (FLOPs)", ylabel="loss",
            title="Loss vs compute")
     ax.legend(fontsize=8)
     return _finish(fig)
