@@ -7,7 +7,7 @@ command skips finished runs and resumes the rest. A trailing `collect` gathers t
 The sweep directory defaults to `runs/<sweep name>` (local) and `gs://<BUCKET>/sweeps/<sweep name>`
 (tpu-vm, where --sweep_dir must be given for a real launch). `sweep.json`, the list of runs with
 their sizes, token counts and budgets, is written there for `collect` and `analyze` (for a tpu-vm
-sweep, by `collect` once the gs:// directory has been copied to a local one).
+sweep, by `collect`, which reads and writes gs:// directly given the `gcs` extra).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import sys
 
 from launch import collect, local, status, tpu_vm
+from lmjax import fileio
 from lmjax.scaling.sweeps import Sweep, load_sweep
 
 BACKENDS = ("local", "tpu-vm")
@@ -52,9 +53,7 @@ def default_sweep_dir(backend: str, sweep: Sweep) -> str:
 
 
 def write_manifest(sweep: Sweep, sweep_dir: str) -> None:
-    os.makedirs(sweep_dir, exist_ok=True)
-    with open(os.path.join(sweep_dir, status.MANIFEST), "w") as f:
-        json.dump(sweep.manifest(), f, indent=2)
+    fileio.write_atomic(os.path.join(sweep_dir, status.MANIFEST), json.dumps(sweep.manifest(), indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,10 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sweep_dir = args.sweep_dir or default_sweep_dir(args.backend, sweep)
     if args.action == "collect":
-        if sweep_dir.startswith("gs://"):
-            print(f"error: collect reads a local directory; copy the runs first: gcloud storage rsync -r "
-                  f"{sweep_dir} runs/{sweep.name}, then pass --sweep_dir=runs/{sweep.name}", file=sys.stderr)
-            return 2
         write_manifest(sweep, sweep_dir)  # budgets and sizes of every run, also for runs made elsewhere
         return collect.main([f"--sweep_dir={sweep_dir}"])
     print(f"sweep {sweep.name}: {len(sweep.runs)} runs, backend {args.backend}, dir {sweep_dir}", flush=True)

@@ -83,7 +83,7 @@ class SentencePieceTokenizer:
         return self.processor.decode([int(i) for i in ids])
 
     def save(self, path: str) -> None:
-        _atomic_write(path, self.model_proto)
+        fileio.write_atomic(path, self.model_proto)  # concurrent runs never read half a cached model
 
 
 class ByteTokenizer:
@@ -132,11 +132,6 @@ class CharTokenizer:
 def cache_dir(data_cfg) -> str:
     path = data_cfg.get("cache_dir", None) or os.path.join("~", ".cache", "lmjax")
     return os.path.expanduser(path)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Concurrent runs never read a half-written cache (see `lmjax.fileio`)."""
-    fileio.write_atomic(path, data)
 
 
 def training_sentences(docs: Sequence[str], max_sentences: int) -> list[str]:

@@ -36,7 +36,7 @@ class Shape:
     embed_dim: int
     num_heads: int
     non_embedding_params: int
-    params: int = 0  # the counted N the shape was chosen by (non-embedding or total)
+    params: int  # the N the shape was chosen by: non-embedding or total parameters, as counted
 
     def overrides(self) -> dict[str, int]:
         """`config.model` overrides, as `--config.model.k=v` keys. MHA: kv heads = heads."""
