@@ -10,7 +10,6 @@ it should be far above the trainer's tokens/s.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import tempfile
@@ -21,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lmjax.config import default_config  # noqa: E402
+from lmjax import cli  # noqa: E402
+from lmjax import config as config_lib  # noqa: E402
 from lmjax.data import build_tokenizer, make_pipeline, sources  # noqa: E402
 from lmjax.data.pipeline import tokenize_split  # noqa: E402
 
@@ -32,16 +32,10 @@ _BATCHES = flags.DEFINE_integer("batches", 500, "Batches to time.")
 
 def main(argv) -> None:
     del argv
-    config = _CONFIG.value
-    if config is None:
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), _DEFAULT)
-        if os.path.exists(path):
-            spec = importlib.util.spec_from_file_location("preset", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            config = module.get_config()
-        else:
-            config = default_config()
+    cli.run(lambda: measure(_CONFIG.value or config_lib.load(_DEFAULT)))
+
+
+def measure(config) -> None:
     data_cfg = config.data
     with tempfile.TemporaryDirectory() as cache:
         data_cfg.cache_dir = cache
@@ -63,8 +57,7 @@ def main(argv) -> None:
                   f"({int(data['num_bytes']) / len(data['tokens']):.3f} bytes/token)")
 
         start = time.perf_counter()
-        pipeline = make_pipeline(data_cfg, tokenizer, "train", config.train.batch_size,
-                                 process_index=0, process_count=1)
+        pipeline = make_pipeline(data_cfg, tokenizer, "train", config.train.batch_size)
         print(f"make_pipeline from the caches: {time.perf_counter() - start:.3f}s")
         next(pipeline)
         tokens = 0
@@ -78,4 +71,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

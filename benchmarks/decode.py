@@ -9,8 +9,6 @@ unfilled tail cannot change the logits read at the current slot).
 """
 
 import argparse
-import importlib.util
-import pathlib
 import time
 
 import flax.linen as nn
@@ -18,16 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax import cli
+from lmjax import config as config_lib
 from lmjax.model import Transformer, generate, param_count
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def gpt_small_model_config(vocab_size: int, max_len: int):
-    spec = importlib.util.spec_from_file_location("gpt_small", REPO / "configs" / "gpt_small.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config().model
+    cfg = config_lib.load("configs/gpt_small.py").model
     cfg.vocab_size = vocab_size
     cfg.max_len = max_len
     return cfg
@@ -70,7 +65,10 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is reported")
     args = parser.parse_args()
+    cli.run(lambda: measure(args))
 
+
+def measure(args: argparse.Namespace) -> None:
     cfg = gpt_small_model_config(args.vocab_size, args.prompt_len + args.new_tokens)
     params = nn.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     prompts_np = np.random.default_rng(0).integers(0, args.vocab_size, (args.batch_size, args.prompt_len))

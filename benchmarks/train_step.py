@@ -2,12 +2,25 @@
 
   python benchmarks/train_step.py --config=configs/gpt_small.py [--config.model.num_layers=6 ...]
   python benchmarks/train_step.py --config=configs/gpt_small.py --fake_devices=8
+  python benchmarks/train_step.py --config=configs/gpt_small.py --compare_masks
+  taskset -c 0 python benchmarks/train_step.py ...    # one core; the CPU peak follows the affinity
 
 No tokenizer or data is needed: the batch is random tokens over `--vocab_size` (used when the
 config leaves `model.vocab_size` unset). The step is the one the trainer runs (same shardings,
 donated state); the mesh comes from `config.mesh` (data=-1 takes every device). `--fake_devices=N`
 re-runs this script with N fake CPU devices (XLA's host-platform device count), which must be
 set before JAX starts. Timing: `--warmup` untimed steps, then the median of `--steps` steps.
+
+The achieved model GFLOP/s (analytic FLOPs, as `lmjax.model.flops_per_token` counts them) is the
+figure to compare between runs. MFU divides it by the peak the trainer uses
+(`lmjax.hardware.peak_flops_and_source`), printed with its source; the peak is never measured here,
+next to the step, because a peak that moves with the machine's load makes MFU figures incomparable.
+
+`--compare_masks` times two compiled steps in one process: one fed batches with `segment_ids` (all
+ones) and `positions`, as concat packing used to yield them, which makes the model build and apply a
+dense [B, 1, L, L] mask; one fed inputs/targets/weights alone, the plain causal path (concat packing
+now; `is_causal` with `--config.model.attention=dot_product`). The two alternate, in alternating
+order, over the timed repetitions, so other work on a shared machine slows both alike.
 """
 
 import os
@@ -20,11 +33,11 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt_small.py", "Config file.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size when the config leaves it unset.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (the median is reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant after compilation.")
 _FAKE = flags.DEFINE_integer("fake_devices", 0, "Re-run with this many fake CPU devices (0: real devices).")
-_MEASURE_PEAK = flags.DEFINE_bool(
-    "measure_peak", True, "On CPU, also measure the matmul peak now, next to the step (shared machines)."
+_COMPARE_MASKS = flags.DEFINE_bool(
+    "compare_masks", False, "Also time the step on batches with segment_ids (a dense mask) against the causal path."
 )
 
 FAKE_FLAG = "--xla_force_host_platform_device_count"
@@ -39,70 +52,117 @@ def reexec_with_fake_devices(n: int) -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
+def time_steps(steps: dict, state, warmup: int, reps: int):
+    """Runs each (compiled step, batch) of `steps` once per round: `warmup` untimed rounds, then `reps`
+    timed ones, reversing the order every other round so that no variant always runs first.
+
+    Returns the final state, the last metrics and {name: [seconds per step]}.
+    """
+    import jax
+
+    names = list(steps)
+    metrics = None
+    for _ in range(warmup):
+        for name in names:
+            state, metrics = steps[name][0](state, steps[name][1])
+    jax.block_until_ready(metrics)
+    times = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else reversed(names):
+            step, batch = steps[name]
+            start = time.perf_counter()
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics)
+            times[name].append(time.perf_counter() - start)
+    return state, metrics, times
+
+
 def main(argv: list[str]) -> None:
     del argv
     if _FAKE.value:
         reexec_with_fake_devices(_FAKE.value)
+    from lmjax import cli
+    from lmjax import config as config_lib
 
+    config = _CONFIG.value
+    if config.model.vocab_size is None:
+        config.model.vocab_size = _VOCAB.value
+    cli.run(lambda: config_lib.check(config))
+    cli.run(lambda: measure(config))
+
+
+def measure(config) -> None:
     import jax
     import numpy as np
 
     from lmjax import hardware, sharding, train
     from lmjax import model as model_lib
 
-    config = _CONFIG.value
-    if config.model.vocab_size is None:
-        config.model.vocab_size = _VOCAB.value
-    config.train.steps = max(int(config.train.steps), _WARMUP.value + _STEPS.value + 1)
+    variants = 2 if _COMPARE_MASKS.value else 1
+    config.train.steps = max(int(config.train.steps), variants * (_WARMUP.value + _STEPS.value) + 1)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules(config.mesh)
     model = model_lib.Transformer(config.model)
     rows, length = int(config.train.batch_size), int(config.data.seq_len)
     flops_per_token = model_lib.flops_per_token(config.model, length)
+    devices = jax.devices()
 
     print(f"config {config.name}: {dict(config.model)}")
-    print(f"devices {len(jax.devices())} x {jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}")
+    print(f"devices {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    if devices[0].platform == "cpu":
+        print(f"CPU {hardware.cpu_key()}, {hardware.usable_cores()} usable cores")
     print(f"params {model_lib.param_count(config.model):,} "
           f"(non-embedding {model_lib.param_count(config.model, non_embedding=True):,})")
     print(f"batch {rows} x {length} tokens, microbatches {config.train.microbatches}, "
           f"flops/token {flops_per_token / 1e6:.1f} M, flops/step {flops_per_token * rows * length / 1e9:.1f} G")
+    try:
+        peak_per_device, source = hardware.peak_flops_and_source(devices[0])
+    except ValueError as e:  # an accelerator missing from the table: time the step, report no MFU
+        print(f"MFU not reported: {e}")
+        peak_per_device, source = None, None
+    else:
+        print(f"peak {peak_per_device * len(devices) / 1e9:,.1f} GFLOP/s = {len(devices)} device(s) x "
+              f"{peak_per_device / 1e9:,.1f} (source: {source}, lmjax.hardware)")
 
     state, shardings = train.create_train_state(config, model, mesh)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.model.vocab_size, (rows, length + 1), dtype=np.int32)
-    batch = sharding.shard_batch(
-        {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((rows, length), np.float32)},
-        mesh,
-        rules,
-    )
-    start = time.perf_counter()
-    step = train.make_train_step(config, model, mesh, shardings).lower(state, batch).compile()
-    print(f"compile {time.perf_counter() - start:.1f} s")
-
-    for _ in range(_WARMUP.value):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(_STEPS.value):
+    causal = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((rows, length), np.float32)}
+    batches = {"causal": causal}
+    if _COMPARE_MASKS.value:
+        batches["segment mask"] = dict(
+            causal,
+            segment_ids=np.ones((rows, length), np.int32),
+            positions=np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+        )
+    jitted = train.make_train_step(config, model, mesh, shardings)
+    steps = {}
+    for name, batch_np in batches.items():
+        batch = sharding.shard_batch(batch_np, mesh, rules)
         start = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    tokens_per_sec = rows * length / seconds
-    mfu = train.mfu(tokens_per_sec, flops_per_token, jax.devices())
-    achieved = tokens_per_sec * flops_per_token
-    print(f"step {seconds * 1e3:.1f} ms (median of {len(times)}; min {min(times) * 1e3:.1f}, "
-          f"max {max(times) * 1e3:.1f}), loss {float(metrics['loss']):.3f}")
-    peak = hardware.peak_flops_per_device(jax.devices()[0]) * len(jax.devices())
-    print(f"tokens/s {tokens_per_sec:,.0f}, model {achieved / 1e9:.1f} GFLOP/s, "
-          f"MFU {mfu:.1%} of {peak / 1e9:.0f} GFLOP/s (lmjax.hardware)")
-    if _MEASURE_PEAK.value and jax.devices()[0].platform == "cpu":
-        now = hardware.measure_cpu_matmul_flops()
-        best = hardware.record_cpu_peak(now)
-        print(f"matmul peak measured now {now / 1e9:.0f} GFLOP/s: MFU {achieved / now:.1%} "
-              f"(best seen here {best / 1e9:.0f} GFLOP/s, now the trainer's MFU reference)")
+        steps[name] = (jitted.lower(state, batch).compile(), batch)
+        print(f"compile ({name}) {time.perf_counter() - start:.1f} s")
+
+    state, metrics, times = time_steps(steps, state, _WARMUP.value, _STEPS.value)
+    print(f"loss {float(metrics['loss']):.3f}")
+    medians = {}
+    for name, seconds in times.items():
+        medians[name] = median = statistics.median(seconds)
+        tokens_per_sec = rows * length / median
+        achieved = tokens_per_sec * flops_per_token
+        line = (f"{name:>12}: step {median * 1e3:.1f} ms (median of {len(seconds)}; min {min(seconds) * 1e3:.1f}, "
+                f"max {max(seconds) * 1e3:.1f}), tokens/s {tokens_per_sec:,.0f}, model {achieved / 1e9:.1f} GFLOP/s")
+        if peak_per_device is not None:
+            line += f", MFU {train.mfu(tokens_per_sec, flops_per_token, devices, peak_per_device):.1%} ({source} peak)"
+        print(line)
+    if _COMPARE_MASKS.value:
+        # Each round ran both steps back to back: the median of per-round ratios is less exposed to
+        # load that changes between rounds than the ratio of the two medians.
+        paired = statistics.median(m / c for m, c in zip(times["segment mask"], times["causal"]))
+        ratio = medians["segment mask"] / medians["causal"]
+        print(f"segment mask / causal step time: {paired:.3f} (median of per-round ratios), "
+              f"{ratio:.3f} (ratio of medians)")
 
 
 if __name__ == "__main__":

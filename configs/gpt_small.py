@@ -33,7 +33,7 @@ def get_config():
     o.min_lr_ratio = 0.1  # final lr 2e-4
     o.weight_decay = 0.1  # AdamW decoupled decay
 
-    c.checkpoint.every_steps = 100  # a checkpoint every ~2 minutes on CPU (and one at the end)
+    c.checkpoint.every_steps = 100  # three checkpoints per run (the last at the end)
     c.checkpoint.max_to_keep = 2  # the newest two
 
     e = c.eval

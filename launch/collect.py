@@ -21,8 +21,10 @@ import sys
 
 from etils import epath
 
-from launch import status
 from lmjax import fileio
+from lmjax.train import metrics
+
+MANIFEST = "sweep.json"  # the sweep's runs, written by the launcher into the sweep dir
 
 COLUMNS = ("name", "status", "budget", "n_params", "non_embedding_params", "param_count", "tokens", "flops",
            "final_val_loss", "final_train_loss", "steps", "train_flops", "wall_time_s")
@@ -57,17 +59,17 @@ def _wsd_rows(row: dict, summary: dict | None) -> list[dict]:
 def collect(sweep_dir: str) -> list[dict]:
     """Rows for every planned run (sweep.json) and every other directory holding a run's files; with curves."""
     planned = {}
-    manifest = fileio.read_text(os.path.join(sweep_dir, status.MANIFEST))
+    manifest = fileio.read_text(os.path.join(sweep_dir, MANIFEST))
     if manifest is not None:
         planned = {r["name"]: r for r in json.loads(manifest)["runs"]}
     found = sorted(p.name for p in epath.Path(sweep_dir).iterdir()  # run dirs, not plots/ and the like
-                   if p.is_dir() and any((p / f).exists() for f in (status.SUMMARY, status.METRICS)))
+                   if p.is_dir() and any((p / f).exists() for f in (metrics.SUMMARY_FILE, metrics.METRICS_FILE)))
     rows = []
     for name in list(planned) + [d for d in found if d not in planned]:
         workdir = os.path.join(sweep_dir, name)
-        summary = status.read_summary(workdir)
+        summary = metrics.read_summary(workdir)
         row = _row(name, planned.get(name, {}), summary)
-        curve = [{k: r[k] for k in ("step", "loss", "val_loss") if k in r} for r in status.read_metrics(workdir)]
+        curve = [{k: r[k] for k in ("step", "loss", "val_loss") if k in r} for r in fileio.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))]
         rows.append({**row, "curve": curve})
         rows.extend({**r, "curve": []} for r in _wsd_rows(row, summary))
     return rows

@@ -14,8 +14,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from launch import status
-from lmjax.scaling.sweeps import REPO_ROOT, Run, Sweep
+from lmjax.train import metrics
+from lmjax.config import REPO_ROOT
+from lmjax.scaling.sweeps import Run, Sweep
 
 LOG = "train.log"
 
@@ -50,8 +51,8 @@ def run_sweep(sweep: Sweep, sweep_dir: str, parallel: int = 1, dry_run: bool = F
         workdir = os.path.join(sweep_dir, run.name)
         if dry_run:
             print(shlex.join(command(sweep, run, sweep_dir, main)))
-        elif status.is_finished(workdir):
-            print(f"[{i}/{total}] {run.name}: finished already, skipped{_describe(status.read_summary(workdir))}", flush=True)
+        elif metrics.is_complete(workdir):
+            print(f"[{i}/{total}] {run.name}: finished already, skipped{_describe(metrics.read_summary(workdir))}", flush=True)
         else:
             pending.append((i, run))
     while pending or active:
@@ -71,9 +72,9 @@ def run_sweep(sweep: Sweep, sweep_dir: str, parallel: int = 1, dry_run: bool = F
             job.log.close()
             workdir = os.path.join(sweep_dir, job.run.name)
             took = time.time() - job.started
-            if job.process.returncode == 0 and status.is_finished(workdir):
+            if job.process.returncode == 0 and metrics.is_complete(workdir):
                 print(f"[{job.index}/{total}] {job.run.name}: done in {took:.0f}s"
-                      f"{_describe(status.read_summary(workdir))}", flush=True)
+                      f"{_describe(metrics.read_summary(workdir))}", flush=True)
             else:
                 why = f"exit {job.process.returncode}" if job.process.returncode else "exited before completing"
                 print(f"[{job.index}/{total}] {job.run.name}: FAILED ({why}) after {took:.0f}s; "

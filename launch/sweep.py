@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from launch import collect, local, status, tpu_vm
+from launch import collect, local, tpu_vm
 from lmjax import fileio
 from lmjax.scaling.sweeps import Sweep, load_sweep
 
@@ -40,8 +40,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="TPU VM software version; auto picks one per TPU generation")
     g.add_argument("--spot", action=argparse.BooleanOptionalAction, default=True, help="spot (preemptible) capacity")
     g.add_argument("--repo_url", default=tpu_vm.TpuOptions.repo_url, help="git URL of lmjax for the workers")
-    g.add_argument("--poll_seconds", type=float, default=tpu_vm.TpuOptions.poll_seconds)
-    g.add_argument("--max_attempts", type=int, default=tpu_vm.TpuOptions.max_attempts)
+    g.add_argument("--poll_seconds", type=float, default=tpu_vm.TpuOptions.poll_seconds,
+                   help="seconds between checks of a slice's state and its run's progress")
+    g.add_argument("--active_timeout_s", type=float, default=tpu_vm.TpuOptions.active_timeout_s,
+                   help="longest wait for a queued slice to become ACTIVE; then its request is deleted, the run fails")
+    g.add_argument("--max_attempts", type=int, default=tpu_vm.TpuOptions.max_attempts,
+                   help="slices requested (or trainer restarts) per run before giving up")
     g.add_argument("--preflight", action="store_true", help="compile each run for the slice first (lmjax.aot); refuse runs that do not fit")
     return p.parse_args(argv)
 
@@ -53,7 +57,7 @@ def default_sweep_dir(backend: str, sweep: Sweep) -> str:
 
 
 def write_manifest(sweep: Sweep, sweep_dir: str) -> None:
-    fileio.write_atomic(os.path.join(sweep_dir, status.MANIFEST), json.dumps(sweep.manifest(), indent=2))
+    fileio.write_atomic(os.path.join(sweep_dir, collect.MANIFEST), json.dumps(sweep.manifest(), indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             write_manifest(sweep, sweep_dir)
         failed = local.run_sweep(sweep, sweep_dir, args.parallel, args.dry_run)
     else:
-        opts = tpu_vm.TpuOptions(project=args.project, zone=args.zone, accelerator_type=args.accelerator_type,
-                                 runtime_version=args.runtime_version, spot=args.spot, sweep_dir=sweep_dir,
-                                 repo_url=args.repo_url, poll_seconds=args.poll_seconds,
-                                 max_attempts=args.max_attempts)
         try:
+            opts = tpu_vm.TpuOptions(project=args.project, zone=args.zone, accelerator_type=args.accelerator_type,
+                                     runtime_version=args.runtime_version, spot=args.spot, sweep_dir=sweep_dir,
+                                     repo_url=args.repo_url, poll_seconds=args.poll_seconds,
+                                     active_timeout_s=args.active_timeout_s, max_attempts=args.max_attempts)
             failed = tpu_vm.run_sweep(sweep, opts, args.parallel, args.dry_run, check=args.preflight)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -28,12 +28,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lmjax import hardware, sharding, train
+from lmjax import cli, hardware, sharding, train
 from lmjax.model import Transformer, flops_per_token
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
-BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32,
-                "positions": jnp.int32, "segment_ids": jnp.int32}  # what the data pipeline yields
+# What the data pipeline yields: concat packing needs no positions or segment ids (plain causal).
+BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
+SEGMENT_FIELDS = {"positions": jnp.int32, "segment_ids": jnp.int32}
 _COLLECTIVE_RE = re.compile(r"\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 
 
@@ -103,7 +104,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> tuple[hardware.TpuSl
 
         desc = topologies.get_topology_desc(**tpu_slice.topology_kwargs(), num_slices=num_slices)
     except Exception as e:  # libtpu missing or refusing: say how to get it, not a bare traceback
-        raise RuntimeError(
+        raise cli.UserError(
             f"Cannot describe TPU topology {tpu_slice.topology} ({e}). Compiling for TPU needs "
             f"libtpu: pip install -e '.[tpu]'."
         ) from e
@@ -114,7 +115,8 @@ def abstract_batch(config: Any, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeD
     """The global batch as the trainer feeds it: [batch_size, seq_len] per field, split by 'batch'."""
     shape = (int(config.train.batch_size), int(config.data.seq_len))
     batch_sharding = sharding.batch_sharding(mesh, sharding.rules(config.mesh))
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, dtype in BATCH_FIELDS.items()}
+    fields = {**BATCH_FIELDS, **(SEGMENT_FIELDS if config.data.packing == "segments" else {})}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, dtype in fields.items()}
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
@@ -202,20 +204,21 @@ def check_fits(config: Any, topology: str, num_slices: int = 1) -> Report:
     return report
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def _report() -> None:
     config = _FLAGS.config
     num_slices = _FLAGS.num_slices or int(config.mesh.num_slices)
-    try:
-        report = check_fits(config, _FLAGS.topology, num_slices)
-    except (RuntimeError, ValueError) as e:  # no libtpu, unknown slice name
-        sys.exit(f"error: {e}")
+    report = check_fits(config, _FLAGS.topology, num_slices)
     if report.state_bytes is None:  # stopped before any memory figure: the message says why
-        sys.exit(f"error: {report.message}")
+        raise ValueError(report.message)
     print(f"{config.name} on {report.topology}" + (f" x {num_slices}" if num_slices > 1 else ""))
     print(report.table())
     if not report.fits:
         sys.exit(1)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    cli.run(_report)
 
 
 if __name__ == "__main__":
@@ -229,6 +232,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_slices", None, "Slices joined over DCN (default: config.mesh.num_slices).")
     flags.mark_flags_as_required(["config", "topology"])
     _FLAGS = flags.FLAGS
-    from lmjax import cli
-
     app.run(main, flags_parser=cli.parse_flags)

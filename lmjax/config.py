@@ -1,8 +1,19 @@
-"""The one place every config key is declared, with its default and its meaning.
+"""The config: every key with its default and meaning, the checks a config must pass, and loading it.
 
 Preset files in `configs/` start from `default_config()` and change only what differs, so a key
-exists (and can be overridden with `--config.section.key=value`) in every preset.
+exists (and can be overridden with `--config.section.key=value`) in every preset. `check` is run
+before a job writes anything and names the first bad key with the values that would work; the
+valid values of each enumerated key are declared once, by the module that implements them.
+`load` is the one way a preset file becomes a config (entry points, sweeps, notebooks).
 """
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+from collections.abc import Mapping
+from typing import Any
 
 from ml_collections import config_dict
 
@@ -22,6 +33,11 @@ DEFAULT_RULES = (
     ("layers", None),
     ("norm", None),
 )
+DTYPES = ("float32", "bfloat16", "float16")
+# Model keys that change how the parameters are used, not what they are: free to differ from the
+# checkpoint's (e.g. evaluate in bfloat16 a model trained in float32).
+RUNTIME_MODEL_KEYS = ("dropout", "dtype", "attention", "remat")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def default_config() -> config_dict.ConfigDict:
@@ -100,7 +116,6 @@ def default_config() -> config_dict.ConfigDict:
     t.seed = 0  # parameter init, dropout
     t.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM); 0 disables
     t.log_every = 10  # steps between metric lines
-    t.stop_on_nan = True  # stop the run when the loss is NaN/inf
 
     o = c.optim = config_dict.ConfigDict()
     o.name = "adamw"  # adamw | adafactor | lion | sgd
@@ -115,11 +130,11 @@ def default_config() -> config_dict.ConfigDict:
     # in DIR/wsd_points.jsonl and summary.json's "wsd_points", and continues the main run undecayed
     # (its losses are unchanged). launch.collect makes each point a row of its own.
     o.wsd_decay_points = ()
-    o.weight_decay = 0.1  # decoupled weight decay (not on biases or norm scales)
+    o.weight_decay = 0.1  # decoupled, scaled by the lr: p -= lr_t * weight_decay * p (not biases, norm scales)
     o.decay_embeddings = True  # apply weight decay to embedding tables too
-    o.b1 = 0.9  # Adam/Lion beta1 (SGD momentum)
-    o.b2 = 0.95  # Adam/Lion beta2
-    o.eps = 1e-8  # Adam epsilon
+    o.b1 = 0.9  # Adam/Lion beta1; SGD and Adafactor momentum (0: none)
+    o.b2 = 0.95  # Adam/Lion beta2 (Adafactor's second moment follows its own 1 - t^-0.8)
+    o.eps = 1e-8  # Adam epsilon (Adafactor adds its own 1e-30 to squared gradients)
     o.clip = 1.0  # global-norm gradient clipping; 0 disables
 
     mesh = c.mesh = config_dict.ConfigDict()
@@ -136,10 +151,180 @@ def default_config() -> config_dict.ConfigDict:
 
     e = c.eval = config_dict.ConfigDict()
     e.every_steps = 500  # steps between validation passes (and one at the end)
-    e.steps = 10  # validation batches per pass (the same ones every time)
+    e.steps = 10  # validation batches: a fixed seeded sample over the whole split; -1: all of it; 0: none
     e.batch_size = placeholder(int)  # None: train.batch_size
     e.num_samples = 2  # sampled continuations logged at each eval
     e.sample_tokens = 64  # tokens per logged sample
     e.sample_prompt = "def "  # prompt of the logged samples
     e.sample_temperature = 0.8  # softmax temperature of the logged samples (0: greedy)
     return c
+
+
+def load(path: str, overrides: Mapping[str, Any] = ()) -> config_dict.ConfigDict:
+    """A preset file's `get_config()` (`file.py` or `file.py:arg`, as `--config` takes it) with dotted
+    overrides (`{"train.steps": 10}`) applied; an unknown key is a ValueError naming it. A relative
+    path is looked up in the working directory, then in the repository."""
+    file, _, arg = path.partition(":")
+    if not os.path.isabs(file) and not os.path.isfile(file):
+        file = os.path.join(REPO_ROOT, file)  # `configs/x.py` names a preset from any directory
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"config file {file} does not exist")
+    namespace = runpy.run_path(file)
+    if "get_config" not in namespace:
+        raise ValueError(f"config file {file} defines no get_config()")
+    config = namespace["get_config"](arg) if arg else namespace["get_config"]()
+    for key, value in dict(overrides).items():
+        node, leaf = _parent(config, key, file)
+        node[leaf] = value
+    return config
+
+
+def unknown_key(config: config_dict.ConfigDict, key: str) -> str | None:
+    """Why `key` ("section.name") is not a key of `config`, naming the keys that exist there, or None."""
+    node, seen = config, []
+    for part in key.split("."):
+        if not isinstance(node, config_dict.ConfigDict) or part not in node:
+            where = "config" + "".join(f".{s}" for s in seen)
+            valid = ", ".join(sorted(node.keys())) if isinstance(node, config_dict.ConfigDict) else "(not a section)"
+            return f"unknown config key {where}.{part}; the keys of {where} are: {valid}"
+        node, seen = node[part], seen + [part]
+    return None
+
+
+def _parent(config: config_dict.ConfigDict, key: str, file: str) -> tuple[config_dict.ConfigDict, str]:
+    problem = unknown_key(config, key)
+    if problem:
+        raise ValueError(f"{problem} (overriding {file})")
+    *sections, leaf = key.split(".")
+    node = config
+    for section in sections:
+        node = node[section]
+    return node, leaf
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The valid values of every enumerated key, read from the modules that implement them (imported
+    here, not at the top, so that loading a preset stays free of JAX)."""
+    from lmjax.data import packing, sources, tokenizers
+    from lmjax.model import attention, mlp, norms, positions, transformer
+    from lmjax.train import optimizer, schedules
+
+    return {
+        "model.position": positions.POSITION_TYPES,
+        "model.rope_scaling": positions.ROPE_SCALINGS,
+        "model.mlp": mlp.MLP_TYPES,
+        "model.norm": norms.NORMS,
+        "model.attention": attention.IMPLEMENTATIONS,
+        "model.dtype": DTYPES,
+        "model.param_dtype": DTYPES,
+        "model.remat": transformer.REMAT_CHOICES,
+        "data.tokenizer": tokenizers.TOKENIZERS,
+        "data.spm_model_type": tokenizers.SPM_MODEL_TYPES,
+        "data.packing": packing.PACKINGS,
+        "data.doc_split": sources.DOC_SPLITS,
+        "data.text_split": sources.TEXT_SPLITS,
+        "optim.name": optimizer.OPTIMIZERS,
+        "optim.schedule": schedules.SCHEDULES,
+    }
+
+
+AT_LEAST_ONE = (
+    "model.num_layers", "model.embed_dim", "model.num_heads", "model.num_kv_heads", "model.max_len",
+    "data.seq_len", "train.steps", "train.batch_size", "train.microbatches", "train.log_every",
+    "checkpoint.every_steps", "checkpoint.max_to_keep", "eval.every_steps",
+)
+AT_LEAST_ZERO = (
+    "optim.lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip", "train.z_loss",
+    "eval.num_samples", "eval.sample_tokens", "eval.sample_temperature", "data.grain_workers",
+)
+
+
+def _get(config: config_dict.ConfigDict, dotted: str) -> Any:
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def check(config: config_dict.ConfigDict) -> None:
+    """Raise ValueError naming the first key whose value cannot work (the valid values included)."""
+    for key, valid in choices().items():
+        if _get(config, key) not in valid:
+            raise ValueError(f"config.{key}={_get(config, key)!r} is not valid; choose one of: {', '.join(valid)}")
+    for key in AT_LEAST_ONE:
+        if _get(config, key) < 1:
+            raise ValueError(f"config.{key}={_get(config, key)} must be >= 1")
+    for key in AT_LEAST_ZERO:
+        if _get(config, key) < 0:
+            raise ValueError(f"config.{key}={_get(config, key)} must be >= 0")
+    if config.eval.steps < -1:
+        raise ValueError(f"config.eval.steps={config.eval.steps} must be a batch count, -1 (the whole split) "
+                         "or 0 (no validation)")
+    if config.optim.warmup_steps > config.train.steps:
+        raise ValueError(
+            f"config.optim.warmup_steps={config.optim.warmup_steps} exceeds config.train.steps={config.train.steps}"
+        )
+    if not 0.0 <= config.model.dropout < 1.0:
+        raise ValueError(f"config.model.dropout={config.model.dropout} must be in [0, 1)")
+    if config.model.vocab_size is not None and config.model.vocab_size < 1:
+        raise ValueError(f"config.model.vocab_size={config.model.vocab_size} must be >= 1 (or unset)")
+    if config.model.position == "learned" and config.data.seq_len > config.model.max_len:
+        raise ValueError(
+            f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len={config.model.max_len}, "
+            "the size of the learned position table"
+        )
+    from lmjax.data import sources
+
+    if not config.data.source.startswith(sources.SOURCE_KINDS):
+        raise ValueError(
+            f"config.data.source={config.data.source!r}: expected pystdlib, text:<glob>, tfds:<name> or prepared:<dir>"
+        )
+    check_decay_points(config)
+
+
+def check_decay_points(config: config_dict.ConfigDict) -> None:
+    """`optim.wsd_decay_points` must be whole step counts below `train.steps` whose decay phase has
+    at least one step and starts after warmup; only a WSD run has a stable phase to branch from, and
+    a point is only worth its decay steps if it is evaluated."""
+    from lmjax.train.schedules import decay_start
+
+    points = tuple(config.optim.wsd_decay_points or ())
+    if not points:
+        return
+    key = f"config.optim.wsd_decay_points={points}"
+    if config.optim.schedule != "wsd":
+        raise ValueError(f"{key} needs config.optim.schedule='wsd' (it is {config.optim.schedule!r}): "
+                         "only a warmup-stable-decay run can be decayed early")
+    if config.eval.steps == 0:
+        raise ValueError(f"{key} needs a validation set to evaluate each point: config.eval.steps is 0")
+    total, warmup = int(config.train.steps), int(config.optim.warmup_steps)
+    for point in points:
+        if isinstance(point, bool) or not float(point).is_integer():
+            raise ValueError(f"{key}: {point!r} is not a whole number of steps")
+        point = int(point)
+        if point >= total:
+            raise ValueError(f"{key}: {point} must be < config.train.steps={total} (the final budget is the run itself)")
+        start = decay_start(config.optim, point)
+        if start == point or start < warmup:
+            raise ValueError(
+                f"{key}: {point} is too small: its decay (config.optim.decay_fraction={config.optim.decay_fraction}"
+                f" of {point} steps) would start at step {start}, but it needs >= 1 decay step starting at or "
+                f"after config.optim.warmup_steps={warmup}"
+            )
+
+
+def fill_vocab_size(config: config_dict.ConfigDict, tokenizer_vocab_size: int) -> None:
+    """model.vocab_size defaults to the tokenizer's; a smaller explicit value would drop token ids."""
+    if config.model.vocab_size is None:
+        config.model.vocab_size = tokenizer_vocab_size
+    elif config.model.vocab_size < tokenizer_vocab_size:
+        raise ValueError(
+            f"config.model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer_vocab_size} ids (data.tokenizer={config.data.tokenizer!r}); leave it unset "
+            f"to use the tokenizer's size or set it >= {tokenizer_vocab_size}"
+        )
+
+
+def to_json(config: config_dict.ConfigDict) -> dict:
+    """The config as plain JSON (stored with each checkpoint and in summary.json)."""
+    return json.loads(config.to_json_best_effort())

@@ -8,6 +8,7 @@ and renamed over it; a bucket object only appears once its upload completes.
 
 from __future__ import annotations
 
+import json
 import os
 
 from etils import epath
@@ -36,3 +37,23 @@ def read_text(path: str | os.PathLike) -> str | None:
     """The file's text, or None when it does not exist."""
     target = epath.Path(path)
     return target.read_text() if target.exists() else None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file, in order; [] when it does not exist. A last line cut off
+    by a kill (no newline, or not parsable) is dropped, so readers see only whole records."""
+    text = read_text(path)
+    if not text:
+        return []
+    lines = text.splitlines(keepends=True)
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{os.fspath(path)}: line {i + 1} is not JSON: {line[:80]!r}") from None
+    if not lines[-1].endswith("\n") and records and len(records) == len(lines):
+        records.pop()  # complete-looking JSON, but the writer had not finished the line
+    return records

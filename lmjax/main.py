@@ -1,22 +1,21 @@
 """`python -m lmjax.main --config=configs/gpt_small.py --workdir=DIR [--mode=train|eval|generate]`.
 
-Parses flags and calls `lmjax.trainer`; nothing else happens here. Any key of the config can be
+Parses flags and calls the library; nothing else happens here. Any key of the config can be
 overridden on the command line: `--config.train.steps=200 --config.model.position=rope`.
 
-Mistakes end the command with a message and exit code 1 (2 for flag errors) before any file is
-written: an unknown config key (with the keys that do exist), a bad value (with the valid ones), a
-vocab_size below the tokenizer's, or eval/generate on a workdir with no checkpoint.
+Mistakes end the command with one `error:` line and exit code 1 (2 for flag errors) before any
+file is written: an unknown config key (with the keys that do exist), a bad value (with the valid
+ones), a vocab_size below the tokenizer's, or eval/generate on a workdir with no checkpoint.
 """
 
 from __future__ import annotations
 
-import sys
-import traceback
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lmjax import cli, trainer
+from lmjax import cli
+from lmjax.infer import sampling
+from lmjax.train import trainer, validation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset file, e.g. configs/gpt_small.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, summary.json.")
@@ -41,31 +40,30 @@ def _prompts() -> list[str]:
     return prompts
 
 
+def _run() -> None:
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if _MODE.value == "train":
+        trainer.train(config, workdir)
+    elif _MODE.value == "eval":
+        result = validation.evaluate(config, workdir)
+        print(f"step {result['step']}: val loss {result['val_loss']:.4f} | val ppl {result['val_ppl']:.2f} "
+              f"| {result['val_bpb']:.4f} bits/byte | {result['val_tokens']:,} tokens")
+    else:
+        prompts = _prompts()
+        texts = sampling.generate_text(
+            config, workdir, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+            top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+        )
+        for prompt, text in zip(prompts, texts):
+            print(f"{prompt}{text}\n{'=' * 40}")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    try:
-        if _MODE.value == "train":
-            trainer.train(config, workdir)
-        elif _MODE.value == "eval":
-            result = trainer.evaluate(config, workdir)
-            print(f"step {result['step']}: val loss {result['val_loss']:.4f} | val ppl {result['val_ppl']:.2f} "
-                  f"| {result['val_bpb']:.4f} bits/byte")
-        else:
-            prompts = _prompts()
-            texts = trainer.generate_text(
-                config, workdir, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-                top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-            )
-            for prompt, text in zip(prompts, texts):
-                print(f"{prompt}{text}\n{'=' * 40}")
-    except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
-        logging.debug("%s", traceback.format_exc())
-        print(f"error: {e}\n(--verbosity=1 shows the traceback)", file=sys.stderr)
-        sys.exit(1)
+    cli.run(_run)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ parallelism, FSDP (ZeRO-3) and Megatron tensor parallelism, and their mixes, are
 
 import contextlib
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,28 +19,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
-
-
-def maybe_initialize_distributed() -> bool:
-    """Starts JAX's multi-process runtime when the environment says this is one of several hosts.
-
-    Must run before anything touches the devices. On a TPU VM pod slice every worker sees the
-    other workers' hostnames; Slurm and Open MPI publish the task count; anywhere else (multi-node
-    GPU, or several CPU processes on one machine) set JAX_COORDINATOR_ADDRESS=host:port,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process. Returns whether it initialized.
-    """
-    tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    detected = (len(tpu_hosts) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-                or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-    if not (detected or os.environ.get("JAX_COORDINATOR_ADDRESS")) or jax.distributed.is_initialized():
-        return False
-    explicit = {key: int(os.environ[var]) for key, var in (("num_processes", "JAX_NUM_PROCESSES"),
-                                                           ("process_id", "JAX_PROCESS_ID")) if os.environ.get(var)}
-    if not detected and len(explicit) < 2:
-        raise ValueError("JAX_COORDINATOR_ADDRESS is set but not both JAX_NUM_PROCESSES and JAX_PROCESS_ID: "
-                         "outside TPU VMs, Slurm and Open MPI nothing else tells a process the other two")
-    jax.distributed.initialize(**explicit)
-    return True
 
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
@@ -177,20 +154,45 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def process_rows(mesh: Mesh, rules: Rules, global_rows: int) -> tuple[int, int]:
+    """The rows [start, stop) of a global batch that this process's devices hold.
+
+    Processes own distinct rows when the batch axes span the hosts; when a non-batch axis spans
+    them (e.g. tensor=8 on a v5e-16, four chips per host), several processes hold the same rows
+    and must be fed the same data. A mesh on which one process would hold rows that are not
+    contiguous is refused, naming its axes: no pipeline could feed it.
+    """
+    indices = batch_sharding(mesh, rules).addressable_devices_indices_map((global_rows, 1))
+    spans = sorted({(s.start or 0, global_rows if s.stop is None else s.stop) for s, _ in indices.values()})
+    start, stop = spans[0]
+    for lo, hi in spans[1:]:
+        if lo > stop:
+            raise ValueError(
+                f"process {jax.process_index()} would hold rows {spans} of each batch, which are not "
+                f"contiguous, on mesh {dict(mesh.shape)}: order the mesh so each host's devices hold "
+                f"neighbouring rows, or change config.mesh"
+            )
+        stop = max(stop, hi)
+    return start, stop
+
+
 def shard_batch(batch_np: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
-    """Global jax.Arrays from this process's rows: each process passes only its own share of the
-    global batch (as the data pipeline yields it) and no host ever holds the whole batch."""
+    """Global jax.Arrays from this process's rows (`process_rows` of the global batch, as the data
+    pipeline yields them): no host ever holds rows its devices do not need."""
     batch_ways = axes_size(mesh, batch_sharding(mesh, rules).spec[0])
+    # How many of the batch's `batch_ways` row blocks this process holds, hence the global row count.
+    held = len(set(map(str, batch_sharding(mesh, rules).addressable_devices_indices_map((batch_ways, 1)).values())))
     out = {}
     for key, local in batch_np.items():
         local = np.asarray(local)
-        rows = local.shape[0] * jax.process_count()
-        if rows % batch_ways:
+        rows, remainder = divmod(local.shape[0] * batch_ways, held)
+        if remainder or rows % batch_ways:
             raise ValueError(
-                f"Batch field {key!r}: {rows} global rows do not split over the {batch_ways} "
-                f"devices of the 'batch' mesh axes; make config.train.batch_size a multiple of it."
+                f"Batch field {key!r}: {local.shape[0]} rows on this process do not split over its "
+                f"{held} of the {batch_ways} row blocks of the 'batch' mesh axes; make "
+                f"config.train.batch_size a multiple of {batch_ways}."
             )
         out[key] = jax.make_array_from_process_local_data(
-            batch_sharding(mesh, rules, local.ndim), local
+            batch_sharding(mesh, rules, local.ndim), local, (rows, *local.shape[1:])
         )
     return out

@@ -1,4 +1,5 @@
-"""Runs the tiny model for 3 train steps on 1 device and on several 8-device meshes; prints JSON.
+"""Runs the tiny model for 3 train steps on 1 device and on several 8-device meshes, and each
+optimizer for 2 steps on 1 device and on an fsdp x tensor mesh; prints JSON.
 
 Run by tests/test_multidevice.py in a subprocess, because the fake device count must be set
 before JAX is imported. All meshes share one process so JAX and the model are imported once.
@@ -17,6 +18,7 @@ import numpy as np  # noqa: E402
 from lmjax import sharding, train  # noqa: E402
 from lmjax.config import default_config  # noqa: E402
 from lmjax.model import Transformer  # noqa: E402
+from lmjax.train.optimizer import OPTIMIZERS  # noqa: E402
 
 MESHES = {
     "single": dict(data=1, fsdp=1, tensor=1),
@@ -33,6 +35,9 @@ INSPECT = {
     "block_0/mlp/up/kernel": ("embed", "mlp"),
     "block_0/mlp/down/kernel": ("mlp", "embed"),
 }
+
+# Each optimizer on fsdp x tensor, so its state's matrices are split along both axes.
+OPTIMIZER_MESH = dict(data=1, fsdp=4, tensor=2)
 
 
 def tiny_config():
@@ -57,17 +62,24 @@ def batches(c, n=3):
     return out
 
 
-def run(sizes: dict) -> dict:
-    c = tiny_config()
+def train_on(c, sizes: dict, steps: int, start=None) -> dict:
+    """The state after `steps` steps of config `c` on a mesh of `sizes` (from `start`, a host copy
+    of a train state, if given), the metrics on the way, and the start state as a host copy."""
+    c = c.copy_and_resolve_references()
     c.mesh.update(sizes)
     devices = jax.devices()[: int(np.prod(list(sizes.values())))]
     mesh = sharding.make_mesh(c.mesh, devices)
     rules = sharding.rules(c.mesh)
     model = Transformer(c.model)
-    state, shardings = train.create_train_state(c, model, mesh)
+    if start is None:
+        state, shardings = train.create_train_state(c, model, mesh)
+        start = jax.device_get(state)
+    else:  # saves compiling the initializer again
+        _, shardings = train.abstract_train_state(c, model, mesh)
+        state = jax.device_put(start, shardings)
     step = train.make_train_step(c, model, mesh, shardings)
     losses, grad_norms, batch_info = [], [], None
-    for b in batches(c):
+    for b in batches(c, steps):
         batch = sharding.shard_batch(b, mesh, rules)
         batch_info = {
             "spec": str(batch["inputs"].sharding.spec),
@@ -76,10 +88,21 @@ def run(sizes: dict) -> dict:
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
         grad_norms.append(float(metrics["grad_norm"]))
-    flat = {
+    return dict(state=state, losses=losses, grad_norms=grad_norms, batch=batch_info, mesh=mesh, rules=rules,
+                start=start)
+
+
+def flatten(tree) -> dict:
+    return {
         jax.tree_util.keystr(path, simple=True, separator="/"): leaf
-        for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
     }
+
+
+def run(sizes: dict) -> dict:
+    r = train_on(tiny_config(), sizes, steps=3)
+    mesh, rules = r["mesh"], r["rules"]
+    flat = flatten(r["state"].params)
     inspected = {}
     for path, names in INSPECT.items():
         arr = flat[path]
@@ -94,11 +117,66 @@ def run(sizes: dict) -> dict:
             ],
         }
     return {
-        "losses": losses,
-        "grad_norms": grad_norms,
+        "losses": r["losses"],
+        "grad_norms": r["grad_norms"],
         "params": {k: np.asarray(v) for k, v in flat.items()},
-        "batch": batch_info,
+        "batch": r["batch"],
         "inspected": inspected,
+    }
+
+
+def placement(arr) -> dict:
+    return {
+        "spec": str(arr.sharding.spec),
+        "shape": list(arr.shape),
+        "shard_shape": list(arr.addressable_shards[0].data.shape),
+    }
+
+
+def optimizer_state_placement(state) -> list:
+    """Every leaf of the optimizer state's param-shaped subtrees (Adam's mu and nu, a momentum,
+    Adafactor's v, v_row and v_col), found by tree structure rather than by the path matching that
+    `train.abstract_train_state` uses, next to its parameter's placement."""
+    params = flatten(state.params)
+    treedef = jax.tree.structure(state.params)
+    like_params = lambda x: jax.tree.structure(x) == treedef
+    rows = []
+    for path, subtree in jax.tree_util.tree_leaves_with_path(state.opt_state, is_leaf=like_params):
+        if not like_params(subtree):
+            continue  # step counts, empty states
+        for param_path, leaf in flatten(subtree).items():
+            rows.append({
+                "state": jax.tree_util.keystr(path, simple=True, separator="/"),
+                "param": param_path,
+                **placement(leaf),
+                "param_placement": placement(params[param_path]),
+            })
+    return rows
+
+
+def optimizer_run(name: str) -> dict:
+    """The state of optimizer `name` created on OPTIMIZER_MESH, with one block of width 128 over a
+    vocabulary of 256, so that Adafactor factors the embedding and MLP matrices. Adafactor, whose
+    factored statistics reduce over sharded dimensions, also takes 2 steps there and on 1 device
+    (the others' updates are elementwise; adamw's mesh equality is `run`'s)."""
+    c = tiny_config()
+    c.model.update(num_layers=1, embed_dim=128, vocab_size=256)
+    c.optim.name = name
+    if name != "adafactor":
+        c.mesh.update(OPTIMIZER_MESH)
+        state, _ = train.create_train_state(c, Transformer(c.model), sharding.make_mesh(c.mesh, jax.devices()[:8]))
+        return {"state": optimizer_state_placement(state)}
+    eight = train_on(c, OPTIMIZER_MESH, steps=2)
+    one = train_on(c, MESHES["single"], steps=2, start=eight["start"])
+    params_1, params_8 = (flatten(jax.device_get(r["state"].params)) for r in (one, eight))
+    return {
+        "losses": eight["losses"],
+        "max_loss_diff": float(np.max(np.abs(np.subtract(eight["losses"], one["losses"])))),
+        "max_grad_norm_rel_diff": float(
+            np.max(np.abs(np.subtract(eight["grad_norms"], one["grad_norms"])) / one["grad_norms"])
+        ),
+        "param_diffs": {k: float(np.max(np.abs(params_8[k] - params_1[k]))) for k in params_1},
+        "state": optimizer_state_placement(eight["state"]),
     }
 
 
@@ -128,6 +206,7 @@ def main() -> None:
         )
         results[name] = {k: v for k, v in r.items() if k != "params"}
     results["divisibility_error"] = divisibility_error()
+    results["optimizers"] = {name: optimizer_run(name) for name in OPTIMIZERS}
     json.dump(results, sys.stdout)
 
 

@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import AbstractMesh
 
 from lmjax import aot, hardware, sharding, train
+from lmjax import config as config_lib
 from lmjax.model import Transformer, param_count
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,14 +30,7 @@ needs_libtpu = pytest.mark.skipif(
 
 
 def load_config(name: str, **overrides):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for dotted, value in overrides.items():
-        section, key = dotted.split("__")
-        config[section][key] = value
-    return config
+    return config_lib.load(f"configs/{name}.py", {k.replace("__", "."): v for k, v in overrides.items()})
 
 
 def abstract_boxed_params(config):

@@ -51,7 +51,7 @@ def test_prepare_removes_each_kind_and_the_pipeline_reads_it_back(tmp_path, monk
     monkeypatch.setattr(tokenizers, "train_sentencepiece", lambda *a: pytest.fail("retrained"))
     tok = build_tokenizer(p)  # DIR/tokenizer.model, trained by prepare
     assert tok.fingerprint == tokenizers.SentencePieceTokenizer.load(f"{out}/tokenizer.model").fingerprint
-    pipe = make_pipeline(p, tok, "train", 4, process_index=0, process_count=1)
+    pipe = make_pipeline(p, tok, "train", 4)
     assert next(pipe)["inputs"].shape == (4, p.seq_len)
     assert pipe.info["prepared_from"] == {"source": c.source}
 

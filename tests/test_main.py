@@ -52,7 +52,7 @@ def write_tiny_preset(directory: str, steps: int = STEPS, eval_every: int = 1) -
     corpus = os.path.join(directory, "corpus.txt")
     if not os.path.exists(corpus):
         with open(corpus, "w") as f:
-            for name in ("trainer.py", "checkpointing.py", "metrics.py", "config.py"):
+            for name in ("train/trainer.py", "train/checkpointing.py", "train/metrics.py", "config.py"):
                 with open(os.path.join(REPO, "lmjax", name)) as src:
                     f.write(src.read())
     path = os.path.join(directory, f"tiny_{steps}_{eval_every}.py")
@@ -90,7 +90,7 @@ def run_main(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def read_losses(workdir: str) -> list[tuple[int, float]]:
-    from lmjax import metrics
+    from lmjax.train import metrics
 
     return [(r["step"], r["loss"]) for r in metrics.read_metrics(workdir)]
 
@@ -173,13 +173,13 @@ def test_eval_mode_prints_loss_and_perplexity(trained):
 
 @pytest.mark.slow
 def test_generate_with_a_fixed_seed_is_reproducible(trained):
-    from lmjax import trainer
+    from lmjax.infer import sampling
 
     preset, workdir, config, _ = trained
     args = dict(max_new_tokens=12, temperature=1.0, top_k=20, seed=7)
-    first = trainer.generate_text(config, workdir, ["def ", "import os\n"], **args)
-    assert first == trainer.generate_text(config, workdir, ["def ", "import os\n"], **args)
-    assert first != trainer.generate_text(config, workdir, ["def ", "import os\n"], **{**args, "seed": 8})
+    first = sampling.generate_text(config, workdir, ["def ", "import os\n"], **args)
+    assert first == sampling.generate_text(config, workdir, ["def ", "import os\n"], **args)
+    assert first != sampling.generate_text(config, workdir, ["def ", "import os\n"], **{**args, "seed": 8})
     result = run_main(f"--config={preset}", f"--workdir={workdir}", "--mode=generate", "--prompt=def ",
                       "--prompt=import os\n", "--max_new_tokens=12", "--temperature=1.0", "--top_k=20", "--seed=7")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -188,11 +188,12 @@ def test_generate_with_a_fixed_seed_is_reproducible(trained):
 
 @pytest.mark.slow
 def test_greedy_generation_is_argmax_of_the_full_forward(trained):
-    from lmjax import model, trainer
+    from lmjax import model
+    from lmjax.train.workdir import Setup
 
     _, workdir, config, _ = trained
-    setup = trainer.Setup(config, workdir)
-    params = setup.restore(workdir, read_only=True).state.params
+    setup = Setup(config, workdir)
+    params = setup.restore(read_only=True).state.params
     prompt = [setup.tokenizer.eos_id] + setup.tokenizer.encode("def f(x):\n")
     new = model.generate(setup.config.model, params, [prompt], 10, temperature=0.0)[0]
 
@@ -214,3 +215,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert result.returncode == 1
     assert "NaN/inf" in result.stderr and "last good checkpoint is step 1" in result.stderr, result.stderr[-2000:]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]
+
+
+@pytest.mark.slow
+def test_a_sample_longer_than_the_context_is_cut_before_training_not_after(tmp_path):
+    preset = write_tiny_preset(str(tmp_path), steps=2)
+    result = run_main(f"--config={preset}", f"--workdir={tmp_path / 'run'}", "--config.model.max_len=40",
+                      "--config.eval.sample_tokens=96")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    warning = out.index("warning: logged samples cut to 35 tokens")  # 40 positions - EOS - "def "
+    assert warning < out.index("first step") and "sample:" in out
+
+
+@pytest.mark.slow
+def test_eval_steps_zero_trains_without_validation(tmp_path):
+    preset = write_tiny_preset(str(tmp_path), steps=2)
+    workdir = tmp_path / "run"
+    result = run_main(f"--config={preset}", f"--workdir={workdir}", "--config.eval.steps=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2] and not any("val_loss" in r for r in records)
+    summary = json.load(open(workdir / "summary.json"))
+    assert summary["completed"] and summary["final_val_loss"] is None and "final val loss" not in result.stdout

@@ -11,7 +11,8 @@ import os
 
 import pytest
 
-from lmjax import fileio, metrics
+from lmjax import fileio
+from lmjax.train import metrics
 
 
 def write_steps(workdir, steps, start_step=0, **kwargs):
@@ -65,3 +66,23 @@ def test_summary_is_replaced_whole_and_leaves_no_temporary_file(tmp_path):
 def test_read_metrics_of_a_workdir_without_metrics_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         metrics.read_metrics(str(tmp_path))
+
+
+def test_one_jsonl_reader_drops_only_a_torn_last_line(tmp_path):
+    path = tmp_path / "records.jsonl"
+    assert fileio.read_jsonl(path) == []
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert fileio.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"step": 2}')  # parsable, but its writer never finished the line
+    assert fileio.read_jsonl(path) == [{"step": 1}]
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="records.jsonl: line 2 is not JSON"):
+        fileio.read_jsonl(path)
+
+
+def test_run_completion_is_read_from_the_summary(tmp_path):
+    assert metrics.read_summary(str(tmp_path)) is None and not metrics.is_complete(str(tmp_path))
+    metrics.write_summary(str(tmp_path), {"steps": 5, "completed": False})  # a preempted run exits 0 like this
+    assert metrics.read_summary(str(tmp_path))["steps"] == 5 and not metrics.is_complete(str(tmp_path))
+    metrics.write_summary(str(tmp_path), {"steps": 9, "completed": True})
+    assert metrics.is_complete(str(tmp_path))

@@ -5,7 +5,6 @@ jitted forward passes, to keep the file fast on a shared 2-core CPU.
 """
 
 import functools
-import importlib.util
 import pathlib
 
 import flax.linen as nn
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from ml_collections import FrozenConfigDict
 
+from lmjax import config as config_lib
 from lmjax.config import default_config
 from lmjax.model import Transformer, flops_per_token, param_count
 from lmjax.model import positions as pos_lib
@@ -76,10 +76,7 @@ def random_tokens(seed, shape):
 
 
 def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load(f"configs/{name}.py")
 
 
 def assert_causal(cfg, segment_ids=None):

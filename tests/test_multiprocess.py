@@ -1,8 +1,9 @@
 """Multi-host training, simulated: two JAX processes with two CPU devices each equal one with four.
 
 The processes find each other through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
-(`lmjax.sharding.maybe_initialize_distributed`) and talk over gloo, as the hosts of a pod slice talk
-over the interconnect. Each reads only its half of every batch, process 0 alone writes
+(`lmjax.distributed.initialize`) and talk over gloo, as the hosts of a pod slice talk over the
+interconnect. Each reads only the rows its devices hold (its half of every batch, or the whole batch
+when a tensor axis spans both processes), process 0 alone writes
 metrics.jsonl and summary.json, and both write their shards of each checkpoint into one workdir.
 A SIGTERM to both (a preemption) stops them at the same step through JAX's preemption sync point;
 restarted, they finish the run as if nothing had happened.
@@ -33,17 +34,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(preset: str, workdir: str, process_id: int | None, port: int | None, devices: int) -> subprocess.Popen:
+def start(preset: str, workdir: str, process_id: int | None, port: int | None, devices: int,
+          *overrides: str) -> subprocess.Popen:
     env = dict(main_env(), XLA_FLAGS=DEVICES.format(devices))
     if process_id is not None:
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
-    return subprocess.Popen([sys.executable, "-m", "lmjax.main", f"--config={preset}", f"--workdir={workdir}"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "-m", "lmjax.main", f"--config={preset}", f"--workdir={workdir}",
+                             *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def start_pair(preset: str, workdir: str) -> list[subprocess.Popen]:
+def start_pair(preset: str, workdir: str, *overrides: str) -> list[subprocess.Popen]:
     port = free_port()
-    return [start(preset, workdir, i, port, devices=2) for i in (0, 1)]
+    return [start(preset, workdir, i, port, 2, *overrides) for i in (0, 1)]
 
 
 def finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]:
@@ -91,6 +93,24 @@ def test_two_processes_train_like_one_with_the_same_devices(runs):
         os.listdir(os.path.join(reference, "checkpoints")))
 
 
+# A mesh whose tensor axis spans both processes (as tensor=8 spans the hosts of a v5e-16): the batch
+# is not split at all, so both processes must feed the same, whole batch.
+TENSOR_ACROSS_HOSTS = ("--config.mesh.data=1", "--config.mesh.tensor=4", "--config.model.num_heads=4",
+                       "--config.model.num_kv_heads=4", "--config.model.vocab_size=260", "--config.train.steps=8",
+                       "--config.eval.every_steps=4", "--config.eval.num_samples=0")
+
+
+@pytest.mark.slow
+def test_hosts_holding_the_same_rows_are_fed_the_same_rows(runs):
+    directory, preset, _ = runs
+    reference = os.path.join(directory, "tensor4_one_process")
+    finish([start(preset, reference, None, None, 4, *TENSOR_ACROSS_HOSTS)])
+    workdir = os.path.join(directory, "tensor4_two_processes")
+    finish(start_pair(preset, workdir, *TENSOR_ACROSS_HOSTS))
+    assert [r["step"] for r in records(workdir)] == list(range(1, 9))
+    assert_same_run(records(reference), records(workdir))
+
+
 @pytest.mark.slow
 def test_preempted_processes_stop_at_one_step_and_resume_to_the_same_run(runs):
     directory, preset, reference = runs
@@ -110,14 +130,3 @@ def test_preempted_processes_stop_at_one_step_and_resume_to_the_same_run(runs):
     time.sleep(0.5)  # the coordinator's port is free again before the pair restarts
     finish(start_pair(preset, workdir))
     assert_same_run(records(reference), records(workdir))
-
-
-def test_a_coordinator_address_alone_is_a_named_error(monkeypatch):
-    from lmjax import sharding
-
-    for var in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
-    monkeypatch.setenv("JAX_PROCESS_ID", "0")
-    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
-        sharding.maybe_initialize_distributed()

@@ -1,8 +1,11 @@
-"""The quickstart notebook runs top to bottom (a few steps of a tiny byte-level model), so it cannot rot."""
+"""The quickstart notebook runs top to bottom (a few steps of a tiny byte-level model), so it cannot rot, and
+its install cell does the right thing where lmjax is not installed."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -36,3 +39,30 @@ def test_quickstart_notebook_trains_plots_and_samples(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs), "no loss plot"
     assert "final val loss" in text and "class Parser:" in text
     assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def install_cell() -> str:
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    return next(cell.source for cell in notebook.cells if cell.cell_type == "code")
+
+
+def run_without_lmjax(code: str, cwd, **env) -> subprocess.CompletedProcess:
+    """`code` in a Python that cannot import lmjax (no site-packages: -S), as on a fresh Colab."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LMJAX_SOURCE")}
+    return subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, env={**environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_install_cell_outside_a_clone_stops_saying_what_to_set(tmp_path):
+    (tmp_path / "content").mkdir()  # Colab's working folder: no clone in it or above it
+    result = run_without_lmjax(install_cell(), tmp_path / "content")
+    assert result.returncode != 0
+    assert "set LMJAX_SOURCE in this cell" in result.stderr, result.stderr[-2000:]
+    assert "installing lmjax" not in result.stdout  # nothing was attempted
+
+
+def test_install_cell_installs_from_the_source_it_is_given(tmp_path):
+    source = str(tmp_path / "no-such-clone")
+    result = run_without_lmjax(install_cell(), tmp_path, LMJAX_SOURCE=source)
+    assert f"installing lmjax from {source}" in result.stdout
+    assert result.returncode != 0 and "pip" in result.stderr  # pip ran, and failed on the missing source

@@ -6,7 +6,7 @@ import pytest
 from lmjax.config import default_config
 from lmjax.data import build_tokenizer, make_pipeline, pipeline
 
-KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
+KEYS = ("inputs", "targets", "weights")  # concat packing; segments adds positions and segment_ids
 
 
 def corpus_cfg(tmp_path, n_docs=40, tokenizer="byte", packing="concat", seq_len=16):
@@ -29,8 +29,6 @@ def corpus_cfg(tmp_path, n_docs=40, tokenizer="byte", packing="concat", seq_len=
 
 
 def make(c, batch_size=8, **kw):
-    kw.setdefault("process_index", 0)
-    kw.setdefault("process_count", 1)
     return make_pipeline(c, build_tokenizer(c), "train", batch_size, **kw)
 
 
@@ -43,7 +41,7 @@ def test_batches_have_the_contract_shapes_and_dtypes(tmp_path):
     b = next(p)
     assert set(b) == set(KEYS)
     assert all(b[k].shape == (8, 16) for k in KEYS)
-    assert [b[k].dtype for k in KEYS] == [np.int32, np.int32, np.float32, np.int32, np.int32]
+    assert [b[k].dtype for k in KEYS] == [np.int32, np.int32, np.float32]
     assert np.array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
 
 
@@ -75,7 +73,7 @@ def test_each_epoch_is_a_new_permutation_of_all_rows(tmp_path):
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(r.tobytes() for r in all_rows)
     assert epochs[0] != epochs[1]
     assert np.array_equal(p.batch_fn.order(1), pipeline.BatchFn(
-        p.batch_fn.packer, 1, 0, 1, (0, 0), True).order(1))  # a pure function of (seed, epoch)
+        p.batch_fn.packer, 1, (0, 1), (0, 0), True).order(1))  # a pure function of (seed, epoch)
 
 
 def test_order_depends_on_both_seeds_and_unshuffled_is_in_order(tmp_path):
@@ -88,27 +86,29 @@ def test_order_depends_on_both_seeds_and_unshuffled_is_in_order(tmp_path):
     assert same(next(p), p.batch_fn.packer.rows(np.arange(8)))
 
 
-def test_processes_read_disjoint_slices_of_the_global_batch(tmp_path):
+def test_processes_read_their_rows_of_the_global_batch(tmp_path):
     c = corpus_cfg(tmp_path)
     whole = make(c, batch_size=8, shuffle=True)
-    parts = [make(c, batch_size=8, shuffle=True, process_index=i, process_count=4) for i in range(4)]
+    parts = [make(c, batch_size=8, shuffle=True, rows=(2 * i, 2 * i + 2)) for i in range(4)]
+    replica = make(c, batch_size=8, shuffle=True, rows=(2, 4))  # a host holding copies of part 1's rows
     for _ in range(5):
         g = next(whole)
         local = [next(p) for p in parts]
         assert all(b["inputs"].shape == (2, 16) for b in local)
         for k in KEYS:
             assert np.array_equal(np.concatenate([b[k] for b in local]), g[k])
-    with pytest.raises(ValueError, match="batch_size=6 must be a positive multiple of the process count 4"):
-        make(c, batch_size=6, process_count=4, process_index=0)
+        assert same(next(replica), local[1])
+    with pytest.raises(ValueError, match=r"rows=\(6, 10\) is not a part of a batch of 8 rows"):
+        make(c, batch_size=8, rows=(6, 10))
 
 
 def test_validation_is_unshuffled_and_repeats_the_same_fixed_set(tmp_path):
     c = corpus_cfg(tmp_path)
     tok = build_tokenizer(c)
-    first = [next(make_pipeline(c, tok, "validation", 4, process_index=0, process_count=1)) for _ in range(2)]
-    again = make_pipeline(c, tok, "validation", 4, process_index=0, process_count=1)
+    first = [next(make_pipeline(c, tok, "validation", 4)) for _ in range(2)]
+    again = make_pipeline(c, tok, "validation", 4)
     assert same(next(again), first[0])
-    v = make_pipeline(c, tok, "validation", 4, process_index=0, process_count=1)
+    v = make_pipeline(c, tok, "validation", 4)
     for _ in range(3 * v.rows_per_epoch):  # wraps around, never stops
         next(v)
 
@@ -127,13 +127,13 @@ def test_num_tokens_and_bytes_per_token(tmp_path):
 def test_tokenized_split_is_cached(tmp_path, monkeypatch):
     c = corpus_cfg(tmp_path, tokenizer="sentencepiece")
     tok = build_tokenizer(c)
-    first = next(make_pipeline(c, tok, "train", 8, process_index=0, process_count=1))
+    first = next(make_pipeline(c, tok, "train", 8))
 
     def fail(texts):
         raise AssertionError("the corpus was tokenized again")
 
     monkeypatch.setattr(tok, "encode_batch", fail)
-    assert same(next(make_pipeline(c, tok, "train", 8, process_index=0, process_count=1)), first)
+    assert same(next(make_pipeline(c, tok, "train", 8)), first)
 
 
 def test_state_from_another_dataset_is_rejected(tmp_path):

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from lmjax import config as config_lib
 from lmjax.scaling import chinchilla, kaplan, shapes, sweeps
 
 # Hoffmann et al. (2022)'s fitted law, used as ground truth for synthetic sweeps.
@@ -17,7 +18,7 @@ def true_loss(n, d):
 
 @pytest.fixture(scope="module")
 def base():
-    return sweeps.load_config("configs/gpt_small.py")
+    return config_lib.load("configs/gpt_small.py")
 
 
 @pytest.mark.parametrize("target", [5e5, 2e6, 1e7, 1.2e8, 1e9])

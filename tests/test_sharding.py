@@ -90,9 +90,4 @@ def test_shard_batch_places_rows_by_the_batch_rule():
     batch = sharding.shard_batch({"inputs": inputs}, mesh, rules)
     assert batch["inputs"].sharding.spec == PartitionSpec(("data", "fsdp"), None)
     np.testing.assert_array_equal(np.asarray(batch["inputs"]), inputs)
-
-
-def test_no_distributed_init_on_a_single_host(monkeypatch):
-    for var in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    assert sharding.maybe_initialize_distributed() is False
+    assert sharding.process_rows(mesh, rules, 4) == (0, 4)  # one process feeds every row

@@ -1,8 +1,8 @@
-"""Optimizer, schedules, loss and the train/eval steps on one device (meshes: test_multidevice.py)."""
+"""Schedules, loss and the train/eval steps on one device (optimizers: test_optimizer.py; meshes:
+test_multidevice.py)."""
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,14 +30,6 @@ def random_batch(c, seed=0, rows=None):
     # Uneven real-token counts per row, so a mean of per-microbatch means would be wrong.
     weights = (rng.random((rows, c.data.seq_len)) < np.linspace(0.2, 1.0, rows)[:, None]).astype(np.float32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
-
-
-def path_names(tree, predicate=bool):
-    return {
-        jax.tree_util.keystr(path, simple=True, separator="/")
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-        if predicate(leaf)
-    }
 
 
 # --- schedules ---------------------------------------------------------------------------------
@@ -79,49 +71,6 @@ def test_wsd_holds_the_peak_then_decays_over_the_last_fraction():
 def test_unknown_schedule_names_the_key():
     with pytest.raises(ValueError, match="config.optim.schedule"):
         schedule("nope")
-
-
-# --- optimizer ---------------------------------------------------------------------------------
-
-LAYERS = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/up", "mlp/down")
-KERNELS = {f"block_{i}/{layer}/kernel" for i in (0, 1) for layer in LAYERS}
-
-
-@pytest.mark.parametrize("decay_embeddings", [True, False])
-def test_weight_decay_mask_is_exactly_matrices(decay_embeddings):
-    c = tiny_config()
-    mask = train.decay_mask(train.abstract_params(c, Transformer(c.model)), decay_embeddings)
-    embeddings = {"embedding", "pos_embedding"} if decay_embeddings else set()
-    assert path_names(mask) == KERNELS | embeddings
-
-
-def test_weight_decay_mask_ignores_the_scanned_layers_axis():
-    c = tiny_config(scan_layers=True)
-    boxed = train.abstract_params(c, Transformer(c.model))
-    decayed = path_names(train.decay_mask(boxed, True))
-    assert "blocks/attn/query/bias" not in decayed  # (layers, heads, head_dim): still a bias
-    assert "blocks/mlp_norm/scale" not in decayed
-    assert {"blocks/attn/query/kernel", "blocks/mlp/down/kernel", "embedding"} <= decayed
-
-
-def test_optimizer_decays_only_the_masked_parameters():
-    c = tiny_config()
-    c.optim.update(weight_decay=0.5, clip=0.0)
-    boxed = train.abstract_params(c, Transformer(c.model))
-    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), nn.unbox(boxed))
-    tx, _ = train.make_tx(c, boxed)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)  # zero gradient: only decay moves
-    assert path_names(updates, lambda u: bool(jnp.any(u != 0))) == KERNELS | {"embedding", "pos_embedding"}
-
-
-@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion", "sgd"])
-def test_optimizers_by_name_shard_their_state(name):
-    c = tiny_config()
-    c.optim.name = name
-    mesh = sharding.make_mesh(c.mesh)
-    abstract, shardings = train.abstract_train_state(c, Transformer(c.model), mesh)
-    assert jax.tree.structure(abstract.opt_state) == jax.tree.structure(shardings.opt_state)
 
 
 # --- loss --------------------------------------------------------------------------------------

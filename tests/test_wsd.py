@@ -13,7 +13,8 @@ import pytest
 
 from test_main import JAX_CACHE, tiny_config
 
-from lmjax import config_checks, metrics, trainer, wsd
+from lmjax import config as config_lib
+from lmjax.train import metrics, trainer, wsd
 
 # Each `train` call jits its steps anew; the persistent cache (shared with test_main's subprocesses,
 # set here at collection, before anything compiles) turns the repeats into cache hits.
@@ -113,6 +114,6 @@ def test_bad_decay_points_fail_clearly(tmp_path, changes, expected):
     config = wsd_config(str(tmp_path), points=POINTS)
     config.optim.update(**changes)
     with pytest.raises(ValueError) as error:
-        config_checks.check_config(config)
+        config_lib.check(config)
     for piece in expected:
         assert piece in str(error.value), (piece, str(error.value))

@@ -3,7 +3,7 @@
   python -m launch.sweep --sweep=configs/sweeps/cpu_isoflop.py --backend=local --parallel=2
   python -m launch.analyze --sweep_dir=runs/cpu_isoflop --isoflop_window=3 --bootstrap=200
 
-A demo, not a test: 21 minutes on a 2-core CPU with --parallel=2 (figures in the README). Choices, each
+A demo, not a test (its wall time and results are in the README). Choices, each
 forced by something measured on the first versions of this sweep:
 - N counts every parameter (Hoffmann et al.), not the non-embedding ones (Kaplan et al.): at these
   sizes the 1,024 x d tied embedding / LM head is half the model and most of its compute, so with
@@ -17,6 +17,7 @@ forced by something measured on the first versions of this sweep:
   optimum the profiles flatten (under-trained large models) and stop being parabolas in log N.
 """
 
+from lmjax import config
 from lmjax.scaling import sweeps
 
 BASE = "configs/gpt_small.py"
@@ -26,7 +27,7 @@ COMMON = {
     "train.batch_size": 8,  # 1,024 tokens per step
     "train.log_every": 100,
     "optim.lr": 2e-3,  # tiny models train well at a high peak lr
-    "eval.steps": 50,  # 51,200 validation tokens: the same rows for every run
+    "eval.steps": -1,  # the whole validation split, once at the end: no sampling noise between sizes
     "eval.every_steps": 1_000_000,  # evaluate once, at the end
     "eval.num_samples": 0,
     "checkpoint.every_steps": 1000,
@@ -42,5 +43,5 @@ OPTIONS = sweeps.RunOptions(num_layers=2, head_dim=8, count="total", min_steps=5
 
 
 def get_sweep() -> sweeps.Sweep:
-    base = sweeps.load_config(BASE, COMMON)
+    base = config.load(BASE, COMMON)
     return sweeps.Sweep("cpu_isoflop", BASE, sweeps.isoflop(base, BUDGETS, SIZES, OPTIONS), COMMON)

@@ -1,5 +1,6 @@
 """Two tiny runs of a few steps each: the local launcher's end-to-end test, not a scaling study."""
 
+from lmjax import config
 from lmjax.scaling import sweeps
 
 BASE = "configs/gpt_small.py"
@@ -19,7 +20,7 @@ COMMON = {
 
 
 def get_sweep() -> sweeps.Sweep:
-    base = sweeps.load_config(BASE, COMMON)
+    base = config.load(BASE, COMMON)
     opts = sweeps.RunOptions(aspect_ratio=16, head_dim=16, min_steps=2)
     runs = sweeps.kaplan(base, sizes=[12e3, 40e3], tokens=4 * 4 * 32, opts=opts)
     return sweeps.Sweep("tiny_test", BASE, runs, COMMON)

@@ -133,15 +133,3 @@ def near_duplicates(signatures: np.ndarray, bands: int, threshold: float) -> np.
                     parent[max(ri, rj)] = min(ri, rj)
     roots = np.array([find(i) for i in range(n)])
     return roots != np.arange(n)
-
-
-def dedup_masks(docs: Sequence[str], clean_cfg) -> tuple[np.ndarray, np.ndarray]:
-    """(exact-duplicate mask, near-duplicate mask among the remaining documents) per the
-    `data.clean` config."""
-    exact = exact_duplicates(docs) if clean_cfg.exact_dedup else np.zeros(len(docs), bool)
-    near = np.zeros(len(docs), bool)
-    if clean_cfg.near_dedup:
-        keep = np.flatnonzero(~exact)
-        sig = minhash_signatures([docs[i] for i in keep], clean_cfg.num_perm, clean_cfg.shingle_size)
-        near[keep] = near_duplicates(sig, clean_cfg.bands, clean_cfg.jaccard_threshold)
-    return exact, near

@@ -5,8 +5,10 @@ has to decide the order of row indices (see pipeline.py), and resuming is exact.
 
   concat    the documents as one EOS-joined stream cut into windows of seq_len + 1 tokens with
             stride seq_len (inputs = window[:-1], targets = window[1:]): every token is an input once
-            and a target once, and the last row is padded with weight 0. segment_ids are all 1 and
-            positions 0..L-1: attention crosses document boundaries, as in GPT-2/nanoGPT.
+            and a target once, and the last row is padded with weight 0. Attention crosses document
+            boundaries, as in GPT-2/nanoGPT, so rows carry no positions or segment_ids: the model's
+            defaults (0..L-1, plain causal attention) apply, and the causal kernels (is_causal,
+            cuDNN's causal flash attention) are used instead of a dense [B, 1, L, L] mask.
   segments  whole documents packed into rows by first-fit-decreasing bin packing; a document longer
             than a row is cut into row-sized chunks first. Each chunk is one segment with its own
             segment_id (1, 2, ...) and positions restarting at 0; padding has segment_id 0 and
@@ -15,9 +17,20 @@ has to decide the order of row indices (see pipeline.py), and resuming is exact.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 PACKINGS = ("concat", "segments")
+
+
+class Packer(Protocol):
+    """Numbered rows of a packed split."""
+
+    num_rows: int
+    seq_len: int
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 class ConcatPacker:
@@ -33,14 +46,7 @@ class ConcatPacker:
         idx = np.asarray(indices, np.int64)[:, None] * L + np.arange(L + 1)
         valid = idx < n
         window = np.where(valid, self.tokens[np.minimum(idx, n - 1)], self.pad_id).astype(np.int32)
-        rows = len(indices)
-        return {
-            "inputs": window[:, :-1],
-            "targets": window[:, 1:],
-            "weights": valid[:, 1:].astype(np.float32),
-            "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (rows, L)).copy(),
-            "segment_ids": np.ones((rows, L), np.int32),
-        }
+        return {"inputs": window[:, :-1], "targets": window[:, 1:], "weights": valid[:, 1:].astype(np.float32)}
 
 
 def first_fit_decreasing(sizes: np.ndarray, capacity: int) -> np.ndarray:
@@ -109,7 +115,7 @@ class SegmentPacker:
         return out
 
 
-def make_packer(packing: str, tokens: np.ndarray, doc_ends: np.ndarray, seq_len: int, pad_id: int):
+def make_packer(packing: str, tokens: np.ndarray, doc_ends: np.ndarray, seq_len: int, pad_id: int) -> Packer:
     """A packer with `num_rows` and `rows(indices) -> batch dict` over the tokenized split."""
     if seq_len < 1:
         raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")

@@ -8,13 +8,14 @@ not shuffling. Batches run straight across epoch boundaries, so no row is droppe
 just `{"batch": i}` (plus epoch/row for information and checks): restoring it reproduces the
 uninterrupted stream exactly, even under a different number of processes.
 
-Each process computes the whole global batch's row indices and keeps rows
-[p*b, (p+1)*b) with b = batch_size // process_count: it reads only its own rows.
+Each process computes the whole global batch's row indices and keeps rows [start, stop), the
+rows its devices hold (`lmjax.sharding.process_rows`): it reads only those. Processes whose devices
+hold copies of the same rows (a tensor axis spanning hosts) read the same rows.
 
 `data.grain_workers > 0` computes batches in grain worker processes (`mp_prefetch`) with the same
-order and state. The in-process loader already makes 16-44M tokens/s at batch 32x128 on the
-2-core dev machine (benchmarks/data_pipeline.py), so workers only pay off for expensive per-batch
-work; starting two takes several seconds.
+order and state. The in-process loader is far faster than a train step consumes
+(benchmarks/data_pipeline.py), so workers only pay off for expensive per-batch work; starting them
+takes seconds.
 """
 
 from __future__ import annotations
@@ -73,12 +74,11 @@ class BatchFn:
     """Global batch index -> this process's rows. A picklable plain object, so grain worker
     processes can compute batches too."""
 
-    def __init__(self, packer, batch_size: int, process_index: int, process_count: int,
-                 seed: tuple[int, int], shuffle: bool):
+    def __init__(self, packer, batch_size: int, rows: tuple[int, int], seed: tuple[int, int], shuffle: bool):
         self.packer = packer
         self.batch_size = batch_size
-        self.rows_per_process = batch_size // process_count
-        self.offset = process_index * self.rows_per_process
+        self.offset, stop = rows
+        self.rows_per_process = stop - self.offset
         self.seed = seed
         self.shuffle = shuffle
         self._perms: dict[int, np.ndarray] = {}
@@ -139,11 +139,6 @@ class Pipeline:
         self._batch += 1
         return out
 
-    @property
-    def epoch(self) -> float:
-        """Epochs consumed so far (fractional)."""
-        return self._batch * self.batch_fn.batch_size / self.rows_per_epoch
-
     def get_state(self) -> dict:
         position = self._batch * self.batch_fn.batch_size
         return {
@@ -187,6 +182,22 @@ class Pipeline:
         return iterator
 
 
+def packed_split(data_cfg, tokenizer: Tokenizer, split: str) -> tuple[packing.Packer, dict]:
+    """The split tokenized (cached) and packed into numbered rows of `data.seq_len`: (packer, tokens)."""
+    sources._check_split(split)
+    seq_len = int(data_cfg.seq_len)
+    if seq_len < 1:
+        raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+    data = tokenize_split(data_cfg, split, tokenizer)
+    if len(data["tokens"]) < seq_len + 1:
+        raise ValueError(
+            f"data.source {data_cfg.source!r} split {split!r} has {len(data['tokens'])} tokens: "
+            f"too few for one row of data.seq_len={seq_len}"
+        )
+    packer = packing.make_packer(data_cfg.packing, data["tokens"], data["doc_ends"], seq_len, tokenizer.pad_id)
+    return packer, data
+
+
 def make_pipeline(
     data_cfg,
     tokenizer: Tokenizer,
@@ -195,42 +206,23 @@ def make_pipeline(
     *,
     seed: int = 0,
     shuffle: bool | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Pipeline:
     """Batches of `split` ('train' or 'validation'); `batch_size` is global, in sequences.
 
     The row order depends on (data_cfg.seed, seed). `shuffle=None` shuffles the train split when
-    `data_cfg.shuffle` and never the validation split. Process defaults come from jax.
+    `data_cfg.shuffle` and never the validation split. `rows` is the part [start, stop) of every
+    global batch this process reads (`lmjax.sharding.process_rows`); None: all of it.
     """
-    sources._check_split(split)
-    seq_len = int(data_cfg.seq_len)
-    if seq_len < 1:
-        raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if batch_size < 1 or batch_size % process_count:
-        raise ValueError(
-            f"batch_size={batch_size} must be a positive multiple of the process count {process_count}"
-        )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    rows = (0, batch_size) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= rows[0] < rows[1] <= batch_size:
+        raise ValueError(f"rows={rows} is not a part of a batch of {batch_size} rows")
     if shuffle is None:
         shuffle = bool(data_cfg.shuffle) and split == "train"
-    data = tokenize_split(data_cfg, split, tokenizer)
-    packer = packing.make_packer(
-        data_cfg.packing, data["tokens"], data["doc_ends"], seq_len, tokenizer.pad_id
-    )
-    if len(data["tokens"]) < seq_len + 1:
-        raise ValueError(
-            f"data.source {data_cfg.source!r} split {split!r} has {len(data['tokens'])} tokens: "
-            f"too few for one row of data.seq_len={seq_len}"
-        )
-    batch_fn = BatchFn(packer, batch_size, process_index, process_count,
-                       (int(data_cfg.seed), int(seed)), shuffle)
+    packer, data = packed_split(data_cfg, tokenizer, split)
+    batch_fn = BatchFn(packer, batch_size, rows, (int(data_cfg.seed), int(seed)), shuffle)
     return Pipeline(batch_fn, split=split, num_tokens=len(data["tokens"]),
                     num_bytes=int(data["num_bytes"]), grain_workers=int(data_cfg.grain_workers),
                     info=dict(sources.describe(data_cfg), split=split, documents=len(data["doc_ends"])))

@@ -25,6 +25,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from lmjax import cli
 from lmjax.data import dedup, filters, sources, tokenizers
 
 META = "meta.json"
@@ -128,9 +129,9 @@ def main(argv) -> None:
     del argv
     cfg = _CONFIG.value
     data_cfg = cfg.data if "data" in cfg else cfg
-    prepare(data_cfg, _OUT.value)
+    cli.run(lambda: prepare(data_cfg, _OUT.value))
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "out"])
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

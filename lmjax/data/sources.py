@@ -24,6 +24,9 @@ import sysconfig
 from typing import Callable, Sequence
 
 SPLITS = ("train", "validation")
+SOURCE_KINDS = ("pystdlib", "text:", "tfds:", "prepared:")
+DOC_SPLITS = ("file", "blank_line")  # text: one document per file, or per blank-line block
+TEXT_SPLITS = ("hash", "tail")  # text: validation by a hash of each document, or the tail of the text
 PYSTDLIB_EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 )
@@ -158,7 +161,7 @@ def _file_documents(path: str, data_cfg) -> list[str]:
     if data_cfg.doc_split == "blank_line":
         blocks = [b.strip("\n") for b in text.split("\n\n")]
         return [b for b in blocks if b.strip()]
-    raise ValueError(f"data.doc_split must be 'file' or 'blank_line', got {data_cfg.doc_split!r}")
+    raise ValueError(f"data.doc_split must be one of {DOC_SPLITS}, got {data_cfg.doc_split!r}")
 
 
 def tail_split(docs: list[str], split: str, val_fraction: float) -> list[str]:
@@ -194,7 +197,7 @@ def _text_split(data_cfg, split: str, pattern: str, source: str) -> Split:
         want_val = split == "validation"
         docs = [d for k, d in keyed if in_validation(k, data_cfg.val_fraction) == want_val]
     else:
-        raise ValueError(f"data.text_split must be 'hash' or 'tail', got {data_cfg.text_split!r}")
+        raise ValueError(f"data.text_split must be one of {TEXT_SPLITS}, got {data_cfg.text_split!r}")
     info = {"files": len(paths)}
     fp = content_fingerprint(docs, source, split, data_cfg.text_split, str(data_cfg.val_fraction))
     return Split(source, split, fp, lambda: docs, info)

@@ -35,6 +35,8 @@ from lmjax import fileio
 from lmjax.data import sources
 
 SPM_PAD, SPM_UNK, SPM_BOS, SPM_EOS = 0, 1, 2, 3
+TOKENIZERS = ("sentencepiece", "byte", "char")
+SPM_MODEL_TYPES = ("bpe", "unigram")
 
 
 @runtime_checkable
@@ -52,6 +54,11 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for (0 for special ids): bits per byte counts the bytes of
+        exactly the tokens evaluated."""
+        ...
 
 
 class SentencePieceTokenizer:
@@ -82,6 +89,15 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.processor.decode([int(i) for i in ids])
 
+    def token_bytes(self) -> np.ndarray:
+        p, out = self.processor, np.zeros(self.vocab_size, np.int64)
+        for i in range(self.vocab_size):
+            if p.is_byte(i):
+                out[i] = 1
+            elif not (p.is_control(i) or p.is_unknown(i) or p.is_unused(i)):
+                out[i] = len(p.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))  # the piece's text
+        return out
+
     def save(self, path: str) -> None:
         fileio.write_atomic(path, self.model_proto)  # concurrent runs never read half a cached model
 
@@ -101,6 +117,9 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        return (np.arange(self.vocab_size) < 256).astype(np.int64)
 
 
 class CharTokenizer:
@@ -128,6 +147,9 @@ class CharTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i] for i in ids if 0 <= i < len(self.chars))
 
+    def token_bytes(self) -> np.ndarray:
+        return np.array([len(c.encode("utf-8", "surrogatepass")) for c in self.chars] + [0], np.int64)
+
 
 def cache_dir(data_cfg) -> str:
     path = data_cfg.get("cache_dir", None) or os.path.join("~", ".cache", "lmjax")
@@ -145,8 +167,8 @@ def training_sentences(docs: Sequence[str], max_sentences: int) -> list[str]:
 
 
 def spm_settings(data_cfg) -> dict:
-    if data_cfg.spm_model_type not in ("bpe", "unigram"):
-        raise ValueError(f"data.spm_model_type must be 'bpe' or 'unigram', got {data_cfg.spm_model_type!r}")
+    if data_cfg.spm_model_type not in SPM_MODEL_TYPES:
+        raise ValueError(f"data.spm_model_type must be one of {SPM_MODEL_TYPES}, got {data_cfg.spm_model_type!r}")
     return dict(
         vocab_size=int(data_cfg.vocab_size),
         model_type=data_cfg.spm_model_type,
@@ -226,7 +248,7 @@ def build_tokenizer(data_cfg, *, verbose: bool = False, use_prepared: bool = Tru
                 chars.update(doc)
         return CharTokenizer(sorted(chars))
     if kind != "sentencepiece":
-        raise ValueError(f"unknown data.tokenizer {kind!r}: expected sentencepiece, byte or char")
+        raise ValueError(f"unknown data.tokenizer {kind!r}: expected one of {TOKENIZERS}")
     if data_cfg.get("tokenizer_path", None):
         return SentencePieceTokenizer.load(data_cfg.tokenizer_path)
     prepared = _prepared_model(data_cfg) if use_prepared else None

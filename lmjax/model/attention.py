@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from lmjax.model import positions as pos_lib
 from lmjax.model.norms import RMSNorm
 
+IMPLEMENTATIONS = ("einsum", "dot_product", "cudnn")
+
 
 def head_dim(cfg) -> int:
     """E: config.model.head_dim, or embed_dim // num_heads when unset."""
@@ -161,7 +163,7 @@ class Attention(nn.Module):
                 q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1xLxS, bias_BxHxLxS, dropout
             )
         else:
-            raise ValueError(f"config.model.attention={cfg.attention!r}: expected einsum | dot_product | cudnn")
+            raise ValueError(f"config.model.attention={cfg.attention!r}: expected one of {IMPLEMENTATIONS}")
         out_BxLxHxE = nn.with_logical_constraint(out_BxLxHxE, ("batch", "length", "heads", "head_dim"))
 
         # GPT-2: residual projections scaled by 1/sqrt(2N) so the stream's variance stays O(1).

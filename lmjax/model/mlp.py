@@ -11,6 +11,7 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "relu": nn.relu,
 }
+MLP_TYPES = (*ACTIVATIONS, "swiglu")
 
 
 def mlp_dim(cfg) -> int:
@@ -46,8 +47,7 @@ class Mlp(nn.Module):
         elif cfg.mlp in ACTIVATIONS:
             h_BxLxF = ACTIVATIONS[cfg.mlp](dense("up", F, ("embed", "mlp"), cfg.init_std)(x_BxLxD))
         else:
-            expected = sorted(ACTIVATIONS) + ["swiglu"]
-            raise ValueError(f"config.model.mlp={cfg.mlp!r}: expected one of {expected}")
+            raise ValueError(f"config.model.mlp={cfg.mlp!r}: expected one of {MLP_TYPES}")
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
         # Residual projection scaled by 1/sqrt(2N) as in GPT-2.
         return dense("down", D, ("mlp", "embed"), cfg.init_std / math.sqrt(2 * cfg.num_layers))(h_BxLxF)

@@ -7,6 +7,8 @@ want the scale parameter to carry the logical axis name `norm`.
 import flax.linen as nn
 import jax.numpy as jnp
 
+NORMS = ("layernorm", "rmsnorm")
+
 
 def _norm_init(init):
     return nn.with_logical_partitioning(init, ("norm",))
@@ -58,4 +60,4 @@ def make_norm(cfg, name: str | None = None) -> nn.Module:
         return LayerNorm(cfg.norm_eps, cfg.use_bias, dtype, param_dtype, name=name)
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.norm_eps, dtype, param_dtype, name=name)
-    raise ValueError(f"config.model.norm={cfg.norm!r}: expected 'layernorm' or 'rmsnorm'")
+    raise ValueError(f"config.model.norm={cfg.norm!r}: expected one of {NORMS}")

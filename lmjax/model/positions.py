@@ -9,6 +9,7 @@ import math
 import jax.numpy as jnp
 
 POSITION_TYPES = ("learned", "sinusoidal", "rope", "alibi", "none")
+ROPE_SCALINGS = ("none", "linear", "ntk")
 
 
 def sinusoidal(positions_BxL: jnp.ndarray, dim: int, max_timescale: float = 10000.0) -> jnp.ndarray:
@@ -34,7 +35,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: str = "none", factor: fl
     if scaling == "ntk":
         base = theta * factor ** (head_dim / (head_dim - 2))
         return 1.0 / base**exponent_E2
-    raise ValueError(f"config.model.rope_scaling={scaling!r}: expected none | linear | ntk")
+    raise ValueError(f"config.model.rope_scaling={scaling!r}: expected one of {ROPE_SCALINGS}")
 
 
 def apply_rope(x_BxLxHxE: jnp.ndarray, positions_BxL: jnp.ndarray, inv_freq_E2: jnp.ndarray) -> jnp.ndarray:

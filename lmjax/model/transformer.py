@@ -17,6 +17,7 @@ REMAT_POLICIES = {
     # Save the weight matmuls' outputs; recompute attention scores and elementwise ops.
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+REMAT_CHOICES = ("none", *REMAT_POLICIES)
 
 
 class Block(nn.Module):
@@ -118,7 +119,7 @@ class Transformer(nn.Module):
         block = Block
         if cfg.remat != "none":
             if cfg.remat not in REMAT_POLICIES:
-                raise ValueError(f"config.model.remat={cfg.remat!r}: expected none | full | dots")
+                raise ValueError(f"config.model.remat={cfg.remat!r}: expected one of {REMAT_CHOICES}")
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             blocks = nn.scan(

@@ -27,9 +27,6 @@ from ml_collections import config_dict
 
 from lmjax.scaling import shapes
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 @dataclasses.dataclass(frozen=True)
 class Run:
     name: str
@@ -80,23 +77,6 @@ def load_sweep(path: str) -> Sweep:
     if not isinstance(sweep, Sweep):
         raise TypeError(f"{path}: get_sweep() returned {type(sweep).__name__}, expected lmjax.scaling.sweeps.Sweep")
     return sweep
-
-
-def load_config(path: str, overrides: Mapping[str, Any] = ()) -> config_dict.ConfigDict:
-    """A preset's `get_config()` (path relative to the repo root) with dotted overrides applied."""
-    full = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
-    config = runpy.run_path(full)["get_config"]()
-    for key, value in dict(overrides).items():
-        *sections, leaf = key.split(".")
-        node = config
-        for s in sections:
-            node = node.get(s)
-            if not isinstance(node, config_dict.ConfigDict):
-                raise KeyError(f"override {key}: {path} has no config section {s!r}")
-        if leaf not in node:
-            raise KeyError(f"override {key}: {path} has no such key; its keys there are {', '.join(sorted(node))}")
-        node[leaf] = value
-    return config
 
 
 def format_count(n: float) -> str:

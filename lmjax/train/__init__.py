@@ -1,4 +1,21 @@
-"""Training: optimizer, schedules, loss, the sharded train state and the jitted steps."""
+"""Training: the step and its parts, and the loop around it.
+
+The step (imported here):
+  loss.py          cross-entropy as (sum, weight) so any split of a batch adds up exactly
+  optimizer.py     clipping, AdamW / Adafactor / Lion / SGD with masked, decoupled decay
+  schedules.py     warmup, then cosine / linear / constant / WSD
+  state.py         TrainState: params, optimizer state, step, rng as one pytree
+  step.py          the sharded state and the jitted train and eval steps
+  mfu.py           model FLOPs utilization
+The loop (import the modules themselves, e.g. `from lmjax.train import trainer`):
+  workdir.py       opening a run directory: checked config, tokenizer, mesh, model, restore
+  trainer.py       `train(config, workdir)`: the loop, logging, evaluation, checkpoints, summary
+  validation.py    the fixed validation sample, loss / perplexity / bits per byte, `--mode=eval`
+  checkpointing.py orbax checkpoints that resume, and survive kills and bad reads
+  metrics.py       metrics.jsonl, TensorBoard, summary.json, the console line
+  preemption.py    SIGTERM and the multi-host preemption sync point
+  wsd.py           WSD decay points: shorter token budgets reported by one run
+"""
 
 from lmjax.train.loss import cross_entropy_sums, safe_mean
 from lmjax.train.mfu import mfu

@@ -1,4 +1,4 @@
-"""The optimizer: global-norm clipping, then AdamW (or Adafactor, Lion, SGD) with masked decay.
+"""The optimizer: global-norm clipping, then AdamW (or Adafactor, Lion, SGD) with masked, decoupled decay.
 
 Weight decay pulls weights toward zero to keep their norm in check; that makes sense for the
 matrices that mix features, not for the few vectors that set a scale or offset. So decay applies
@@ -19,6 +19,10 @@ import flax.linen as nn
 import jax
 import optax
 
+OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
+ADAFACTOR_DECAY_RATE = 0.8  # second-moment decay 1 - t^-0.8 (Shazeer & Stern, 2018)
+ADAFACTOR_EPS = 1e-30  # added to squared gradients (Adam's eps is added to their root)
+
 
 def decay_mask(boxed_params: Any, decay_embeddings: bool) -> Any:
     """A tree of bools shaped like the unboxed params: True where weight decay applies."""
@@ -37,29 +41,44 @@ def decay_mask(boxed_params: Any, decay_embeddings: bool) -> Any:
     )
 
 
-def make_optimizer(optim_cfg: Any, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
-    """The transformation named by `config.optim.name`, after clipping at `config.optim.clip`.
-
-    Decay is decoupled and scaled by the learning rate, as in PyTorch's AdamW: each step
-    subtracts `lr_t * weight_decay * param` from the masked parameters.
-    """
-    name, wd = optim_cfg.name, float(optim_cfg.weight_decay)
+def _direction(optim_cfg: Any) -> optax.GradientTransformation:
+    """The optimizer's step direction before the learning rate and decay are applied."""
+    name, b1 = optim_cfg.name, float(optim_cfg.b1)
     if name == "adamw":
-        tx = optax.adamw(
-            schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=wd, mask=mask
-        )
-    elif name == "lion":
-        tx = optax.lion(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=wd, mask=mask)
-    elif name == "adafactor":
-        # Factored second moments: optimizer state is O(rows + cols) per matrix, not O(rows * cols).
-        tx = optax.adafactor(schedule, weight_decay_rate=wd or None, weight_decay_mask=mask)
-    elif name == "sgd":
-        tx = optax.chain(
-            optax.add_decayed_weights(wd, mask),
-            optax.sgd(schedule, momentum=optim_cfg.b1 or None),
-        )
-    else:
-        raise ValueError(f"Unknown config.optim.name={name!r}; expected adamw | adafactor | lion | sgd.")
+        return optax.scale_by_adam(b1=b1, b2=float(optim_cfg.b2), eps=float(optim_cfg.eps))
+    if name == "lion":
+        return optax.scale_by_lion(b1=b1, b2=float(optim_cfg.b2))
+    if name == "adafactor":
+        # Shazeer & Stern (2018): second moments factored into row and column statistics for
+        # matrices of at least 128 x 128 (optimizer state O(rows + cols)), decaying as 1 - t^-0.8,
+        # with 1e-30 added to the squared gradient; each update's RMS clipped to 1. Adam's b2 and
+        # eps are different quantities and do not apply. The update is not multiplied by the
+        # parameter's RMS, so `optim.lr` is an absolute step size, as for the other optimizers.
+        steps = [
+            optax.scale_by_factored_rms(factored=True, decay_rate=ADAFACTOR_DECAY_RATE,
+                                        min_dim_size_to_factor=128, epsilon=ADAFACTOR_EPS),
+            optax.clip_by_block_rms(1.0),
+        ]
+        if b1:  # momentum on the normalized update, without bias correction (as in T5X)
+            steps.append(optax.ema(b1, debias=False))
+        return optax.chain(*steps)
+    if name == "sgd":
+        return optax.trace(decay=b1) if b1 else optax.identity()
+    raise ValueError(f"Unknown config.optim.name={name!r}; expected one of {OPTIMIZERS}.")
+
+
+def make_optimizer(optim_cfg: Any, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
+    """Clipping at `optim.clip`, then `p <- p - lr_t * (direction + weight_decay * p)` for every optimizer.
+
+    Decay is decoupled from the gradient statistics (added after Adam's normalisation, Lion's sign,
+    Adafactor's factored scaling or SGD's momentum) and scaled by the learning rate as in PyTorch's
+    AdamW, so with zero gradients a decayed weight shrinks by `1 - lr_t * weight_decay` per step.
+    """
+    tx = optax.chain(
+        _direction(optim_cfg),
+        optax.add_decayed_weights(float(optim_cfg.weight_decay), mask),
+        optax.scale_by_learning_rate(schedule),
+    )
     if optim_cfg.clip and optim_cfg.clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(float(optim_cfg.clip)), tx)
     return tx

@@ -12,6 +12,8 @@ from typing import Any
 
 import optax
 
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
 
 def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
     """The schedule named by `config.optim.schedule` over `total_steps` optimizer steps."""
@@ -31,7 +33,7 @@ def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
     elif name == "constant":
         main = optax.constant_schedule(peak)
     elif name == "wsd":
-        decay = round(float(optim_cfg.decay_fraction) * total_steps)
+        decay = total_steps - decay_start(optim_cfg, total_steps)
         if not 0 < decay <= after_warmup:
             raise ValueError(
                 f"config.optim.decay_fraction={optim_cfg.decay_fraction} gives {decay} decay steps; "
@@ -43,8 +45,13 @@ def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
         )
     else:
         raise ValueError(
-            f"Unknown config.optim.schedule={name!r}; expected cosine | linear | constant | wsd."
+            f"Unknown config.optim.schedule={name!r}; expected one of {SCHEDULES}."
         )
     if warmup == 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+
+
+def decay_start(optim_cfg: Any, total_steps: int) -> int:
+    """The step where a WSD run of `total_steps` steps leaves its stable phase."""
+    return total_steps - round(float(optim_cfg.decay_fraction) * total_steps)

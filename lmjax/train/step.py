@@ -208,8 +208,9 @@ def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: 
 
 
 def make_eval_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: TrainState) -> Callable:
-    """The jitted `eval_step(params, batch) -> {'loss_sum', 'weight_sum'}` (sum these over the
-    eval batches, then divide once; the z-loss is not part of it)."""
+    """The jitted `eval_step(params, batch) -> {'loss_sum', 'weight_sum', 'bytes_sum'}` (sum these over
+    the eval batches, then divide once; the z-loss is not part of it). `bytes_sum` adds up the batch's
+    optional `target_bytes` field: the UTF-8 bytes of each weighted target token."""
     rules = sharding.rules(config.mesh)
 
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -222,7 +223,8 @@ def make_eval_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: T
                 deterministic=True,
             )
         loss_sum, weight_sum, _ = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"])
-        return {"loss_sum": loss_sum, "weight_sum": weight_sum}
+        bytes_sum = jnp.sum(batch["target_bytes"]) if "target_bytes" in batch else jnp.float32(0)
+        return {"loss_sum": loss_sum, "weight_sum": weight_sum, "bytes_sum": bytes_sum}
 
     return jax.jit(
         eval_step,

@@ -1,4 +1,5 @@
-"""Where a run's numbers go: the console, TensorBoard event files, `DIR/metrics.jsonl`, `DIR/summary.json`.
+"""Where a run's numbers go: the console, TensorBoard event files, `DIR/metrics.jsonl`, `DIR/summary.json`,
+and how they are read back.
 
 metrics.jsonl holds one JSON object per logged step (step, loss, lr, grad_norm, tokens_per_sec, mfu,
 and val_loss/val_ppl/val_bpb at evaluation steps); it is what sweeps and plots read. A resumed run
@@ -24,40 +25,40 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
-def _kept_lines(lines: list[str], step: int) -> list[str]:
-    """The complete, parsable lines whose step is at most `step` (a kill can leave a torn last line)."""
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if line.endswith("\n") and record.get("step", math.inf) <= step:
-            kept.append(line)
-    return kept
-
-
 def truncate_after(path: str, step: int) -> int:
-    """Drop the lines of a metrics.jsonl whose step is beyond `step`; returns how many were dropped.
-
-    Lines cut off mid-write by a kill (unparsable) are dropped too.
-    """
+    """Drop the records of a metrics.jsonl whose step is beyond `step` (and a line torn by a kill);
+    returns how many lines were dropped."""
     text = fileio.read_text(path)
     if text is None:
         return 0
-    lines = text.splitlines(keepends=True)
-    kept = _kept_lines(lines, step)
-    if len(kept) != len(lines):
-        fileio.write_atomic(path, "".join(kept))
-    return len(lines) - len(kept)
+    kept = [r for r in fileio.read_jsonl(path) if r.get("step", math.inf) <= step]
+    lines = len(text.splitlines())
+    if len(kept) != lines:
+        fileio.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return lines - len(kept)
 
 
 def read_metrics(workdir: str) -> list[dict]:
     """All records of DIR/metrics.jsonl, in order (for notebooks, tests and sweep collectors)."""
-    text = fileio.read_text(os.path.join(workdir, METRICS_FILE))
-    if text is None:
-        raise FileNotFoundError(f"{os.path.join(workdir, METRICS_FILE)} does not exist")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    path = os.path.join(workdir, METRICS_FILE)
+    if fileio.read_text(path) is None:
+        raise FileNotFoundError(f"{path} does not exist")
+    return fileio.read_jsonl(path)
+
+
+def read_summary(workdir: str) -> dict | None:
+    """DIR/summary.json, or None when the run has not written one (or it cannot be parsed)."""
+    try:
+        text = fileio.read_text(os.path.join(workdir, SUMMARY_FILE))
+        return json.loads(text) if text is not None else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(workdir: str) -> bool:
+    """Trained to the end: summary.json exists and says so (a preempted run exits 0 without this)."""
+    summary = read_summary(workdir)
+    return bool(summary and summary.get("completed"))
 
 
 class MetricsWriter:
@@ -145,6 +146,8 @@ def format_progress(step: int, total: int, values: Mapping[str, float], elapsed:
         parts.append(f"val {values['val_loss']:.4f} (ppl {values['val_ppl']:.1f}, {values['val_bpb']:.3f} bpb)")
     if values.get("tokens_per_sec") is not None:
         parts.append(f"{values['tokens_per_sec']:,.0f} tok/s")
+    if values.get("gflops_per_sec") is not None:
+        parts.append(f"{values['gflops_per_sec']:,.1f} GFLOP/s")
     if values.get("mfu") is not None:
         parts.append(f"MFU {100 * values['mfu']:.2f}%")
     parts.append(f"elapsed {format_duration(elapsed)}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,26 +29,17 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
-from lmjax import data, sharding
-from lmjax import train as train_lib
-from lmjax.config_checks import decay_start
-from lmjax.evaluation import evaluate_params
+from lmjax import data, fileio, sharding
+from lmjax.train import step as step_lib
+from lmjax.train.schedules import decay_start
+from lmjax.train.validation import ValidationSet, evaluate_params
 
 WSD_FILE = "wsd_points.jsonl"
 
 
 def read_records(workdir: str) -> list[dict]:
     """The records in DIR/wsd_points.jsonl (a line cut off by a kill is skipped)."""
-    path = epath.Path(workdir) / WSD_FILE
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return fileio.read_jsonl(epath.Path(workdir) / WSD_FILE)
 
 
 class DecayBranches:
@@ -57,15 +48,14 @@ class DecayBranches:
     Every process runs the branches (the state may be sharded across hosts); process 0 writes.
     """
 
-    def __init__(self, setup: Any, workdir: str, start_step: int, val_batches: Sequence[dict],
-                 bytes_per_token: float, eval_step: Any):
+    def __init__(self, setup: Any, start_step: int, val_set: ValidationSet | None, eval_step: Any):
         self.setup = setup
         self.config: config_dict.ConfigDict = setup.config
-        self.path = epath.Path(workdir) / WSD_FILE
-        self.val_batches, self.bytes_per_token, self.eval_step = val_batches, bytes_per_token, eval_step
+        self.path = epath.Path(setup.workdir) / WSD_FILE
+        self.val_set, self.eval_step = val_set, eval_step
         self.is_main = jax.process_index() == 0
         self.points = sorted({int(p) for p in self.config.optim.wsd_decay_points or ()})
-        kept = [r for r in read_records(workdir)
+        kept = [r for r in read_records(setup.workdir)
                 if r["step"] in self.points and decay_start(self.config.optim, r["step"]) <= start_step]
         self.records = {r["step"]: r for r in kept}
         if jax.process_count() > 1 and self.points:  # all processes must agree on which branches to run
@@ -97,17 +87,16 @@ class DecayBranches:
         config, setup = self.config, self.setup
         branch_config = copy.deepcopy(config)
         branch_config.train.steps = point
-        train_step = train_lib.make_train_step(branch_config, setup.model, setup.mesh, setup.state_shardings)
+        train_step = step_lib.make_train_step(branch_config, setup.model, setup.mesh, setup.state_shardings)
         if self._pipeline is None:
             self._pipeline = data.make_pipeline(config.data, setup.tokenizer, "train", config.train.batch_size,
-                                                seed=config.train.seed)
+                                                seed=config.train.seed, rows=setup.batch_rows(config.train.batch_size))
         self._pipeline.set_state(train_data.get_state())
         branch_state = self._copy(state)
         for _ in range(point - step):
             batch = sharding.shard_batch(next(self._pipeline), setup.mesh, setup.rules)
             branch_state, step_metrics = train_step(branch_state, batch)
-        result = evaluate_params(self.eval_step, branch_state.params, self.val_batches, self.bytes_per_token,
-                                 setup.mesh, setup.rules)
+        result = evaluate_params(self.eval_step, branch_state.params, self.val_set, setup.mesh, setup.rules)
         tokens = point * int(config.train.batch_size) * int(config.data.seq_len)
         record = {"step": point, "tokens": tokens, **result, "train_loss": float(step_metrics["loss"]),
                   "decay_start": step}
