@@ -163,3 +163,23 @@ def test_train_step_lowers_on_abstract_inputs():
     }
     lowered = train.make_train_step(c, model, mesh, shardings).lower(abstract, batch)
     assert "sharding_constraint" in lowered.as_text()  # the model's logical constraints bound
+
+
+def test_concat_batches_take_the_causal_path_without_a_dense_mask():
+    """Rows without segment ids (concat packing) never build the [B, 1, L, L] mask that segments need."""
+    c = tiny_config()
+    mesh = sharding.make_mesh(c.mesh)
+    model = Transformer(c.model)
+    abstract, shardings = train.abstract_train_state(c, model, mesh)
+    batch_sharding = sharding.batch_sharding(mesh, sharding.rules(c.mesh))
+    B, L = c.train.batch_size, c.data.seq_len
+    fields = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
+    step = train.make_train_step(c, model, mesh, shardings)
+
+    def program(extra):
+        batch = {k: jax.ShapeDtypeStruct((B, L), dtype, sharding=batch_sharding) for k, dtype in {**fields, **extra}.items()}
+        return step.lower(abstract, batch).as_text()
+
+    dense_mask = f"tensor<{B}x1x{L}x{L}xi1>"
+    assert dense_mask in program({"segment_ids": jnp.int32, "positions": jnp.int32})
+    assert dense_mask not in program({})
