@@ -38,7 +38,7 @@ def get_config():
 
     e = c.eval
     e.every_steps = 100  # validation loss, perplexity, bits/byte and a sample 3 times per run
-    e.steps = 8  # 8 x 32 x 128 = 32k held-out tokens, the same ones at every evaluation
+    e.steps = 8  # 8 x 32 x 128 = 32k held-out tokens: a fixed sample over the whole split
     e.num_samples = 1  # one sampled continuation per evaluation
     e.sample_tokens = 96  # fits the 128-position table with a short prompt
     e.sample_prompt = "def "  # the start of a function

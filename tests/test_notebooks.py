@@ -41,8 +41,11 @@ def test_quickstart_notebook_trains_plots_and_samples(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def install_cell() -> str:
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+NOTEBOOKS = [NOTEBOOK, os.path.join(REPO, "notebooks", "scaling_laws.ipynb")]
+
+
+def install_cell(path: str) -> str:
+    notebook = nbformat.read(path, as_version=4)
     return next(cell.source for cell in notebook.cells if cell.cell_type == "code")
 
 
@@ -53,16 +56,18 @@ def run_without_lmjax(code: str, cwd, **env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_install_cell_outside_a_clone_stops_saying_what_to_set(tmp_path):
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_install_cell_outside_a_clone_stops_saying_what_to_set(tmp_path, path):
     (tmp_path / "content").mkdir()  # Colab's working folder: no clone in it or above it
-    result = run_without_lmjax(install_cell(), tmp_path / "content")
+    result = run_without_lmjax(install_cell(path), tmp_path / "content")
     assert result.returncode != 0
     assert "set LMJAX_SOURCE in this cell" in result.stderr, result.stderr[-2000:]
     assert "installing lmjax" not in result.stdout  # nothing was attempted
 
 
-def test_install_cell_installs_from_the_source_it_is_given(tmp_path):
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_install_cell_installs_from_the_source_it_is_given(tmp_path, path):
     source = str(tmp_path / "no-such-clone")
-    result = run_without_lmjax(install_cell(), tmp_path, LMJAX_SOURCE=source)
+    result = run_without_lmjax(install_cell(path), tmp_path, LMJAX_SOURCE=source)
     assert f"installing lmjax from {source}" in result.stdout
     assert result.returncode != 0 and "pip" in result.stderr  # pip ran, and failed on the missing source

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import sharding, train
+from lmjax import aot, sharding, train
 from lmjax.config import default_config
 from lmjax.model import Transformer
 
@@ -150,36 +150,23 @@ def test_non_finite_loss_is_flagged(setup):
     assert not bool(metrics["is_finite"])
 
 
-def test_train_step_lowers_on_abstract_inputs():
-    """What the AOT compile for TPU does: no concrete arrays, no local devices in the path."""
-    c = tiny_config()
+def lowered_train_step(c) -> str:
+    """The train step lowered on abstract inputs, as `lmjax.aot` does: no concrete arrays, no local
+    devices in the path; the batch has the fields `c.data.packing` yields."""
     mesh = sharding.make_mesh(c.mesh)
     model = Transformer(c.model)
     abstract, shardings = train.abstract_train_state(c, model, mesh)
-    batch_sharding = sharding.batch_sharding(mesh, sharding.rules(c.mesh))
-    batch = {
-        k: jax.ShapeDtypeStruct((c.train.batch_size, c.data.seq_len), dtype, sharding=batch_sharding)
-        for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))
-    }
-    lowered = train.make_train_step(c, model, mesh, shardings).lower(abstract, batch)
-    assert "sharding_constraint" in lowered.as_text()  # the model's logical constraints bound
+    return train.make_train_step(c, model, mesh, shardings).lower(abstract, aot.abstract_batch(c, mesh)).as_text()
+
+
+def test_train_step_lowers_on_abstract_inputs():
+    assert "sharding_constraint" in lowered_train_step(tiny_config())  # the model's logical constraints bound
 
 
 def test_concat_batches_take_the_causal_path_without_a_dense_mask():
     """Rows without segment ids (concat packing) never build the [B, 1, L, L] mask that segments need."""
     c = tiny_config()
-    mesh = sharding.make_mesh(c.mesh)
-    model = Transformer(c.model)
-    abstract, shardings = train.abstract_train_state(c, model, mesh)
-    batch_sharding = sharding.batch_sharding(mesh, sharding.rules(c.mesh))
-    B, L = c.train.batch_size, c.data.seq_len
-    fields = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
-    step = train.make_train_step(c, model, mesh, shardings)
-
-    def program(extra):
-        batch = {k: jax.ShapeDtypeStruct((B, L), dtype, sharding=batch_sharding) for k, dtype in {**fields, **extra}.items()}
-        return step.lower(abstract, batch).as_text()
-
-    dense_mask = f"tensor<{B}x1x{L}x{L}xi1>"
-    assert dense_mask in program({"segment_ids": jnp.int32, "positions": jnp.int32})
-    assert dense_mask not in program({})
+    dense_mask = f"tensor<{c.train.batch_size}x1x{c.data.seq_len}x{c.data.seq_len}xi1>"
+    assert dense_mask not in lowered_train_step(c)
+    c.data.packing = "segments"
+    assert dense_mask in lowered_train_step(c)
