@@ -39,5 +39,7 @@ setup(
         # gs:// workdirs (checkpoints, metrics, summaries through etils.epath; TensorBoard through google-cloud-storage).
         "gcs": ["gcsfs>=2024.2"],
         "gpu": [f"jax[cuda12]>={JAX_VERSION}"],
+        # benchmarks/vs_pytorch.py: nanoGPT (PyTorch, CPU) against lmjax. Never needed to use lmjax.
+        "bench": ["torch==2.13.0"],
     },
 )

@@ -352,3 +352,20 @@ def test_sharded_init_and_forward_on_a_2x2_mesh_match_unsharded():
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_cpu_backward_fusions_do_not_grow_with_depth():
+    """XLA's CPU fusion would recompute each block's residual-stream cotangent in every block below
+    it; the model materializes it, so the largest backward fusion is the same at 2 and 6 layers."""
+    import re
+
+    def largest_fusion(num_layers):
+        cfg = tiny_cfg(num_layers=num_layers)
+        tokens = jnp.zeros((2, 16), jnp.int32)
+        params = Transformer(cfg).init(jax.random.key(0), tokens)["params"]
+        loss = lambda p: jnp.sum(jnp.sin(Transformer(cfg).apply({"params": p}, tokens)))
+        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        bodies = re.findall(r"\n%fused[\w.]* [^\n]*\{\n(.*?)\n\}", hlo, re.S)
+        return max(body.count("\n") + 1 for body in bodies)
+
+    assert largest_fusion(6) == largest_fusion(2)

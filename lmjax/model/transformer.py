@@ -20,6 +20,31 @@ REMAT_POLICIES = {
 REMAT_CHOICES = ("none", *REMAT_POLICIES)
 
 
+def _cpu_fusion_boundary(g: jax.Array) -> jax.Array:
+    """`g`, computed once: a conditional is a fusion boundary XLA's CPU compiler keeps (it expands
+    `optimization_barrier` before fusing). The branches differ in form only, so JAX keeps both."""
+    return jax.lax.cond(jnp.isfinite(g.reshape(-1)[0]), lambda g: g, lambda g: -(-g), g)
+
+
+@jax.custom_vjp
+def materialize_cotangent(x: jax.Array) -> jax.Array:
+    """The identity, whose cotangent is materialized on CPU.
+
+    The residual stream's cotangent is elementwise in the one of the block above, and XLA's CPU
+    fusion duplicates such producers into every consumer, so without a boundary each block's
+    backward recomputes the elementwise work of every block above it (time quadratic in depth).
+    Only the CPU backend gets the boundary: elsewhere this is the plain identity, and the GPU and
+    TPU compilers fuse as they see fit.
+    """
+    return x
+
+
+materialize_cotangent.defvjp(
+    lambda x: (x, None),
+    lambda _, g: (jax.lax.platform_dependent(g, cpu=_cpu_fusion_boundary, default=lambda g: g),),
+)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, cache)."""
 
@@ -29,6 +54,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: jnp.ndarray, ctx: dict, cache: dict | None = None):
         cfg = self.cfg
+        x_BxLxD = materialize_cotangent(x_BxLxD)
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         attention = Attention(cfg, self.deterministic, name="attn")
         h_BxLxD, cache = attention(make_norm(cfg, "attn_norm")(x_BxLxD), ctx, cache)
