@@ -17,6 +17,7 @@ from ml_collections import FrozenConfigDict
 from lmjax import config as config_lib
 from lmjax.config import default_config
 from lmjax.model import Transformer, flops_per_token, param_count
+from lmjax.model import matmul
 from lmjax.model import positions as pos_lib
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
@@ -369,3 +370,36 @@ def test_cpu_backward_fusions_do_not_grow_with_depth():
         return max(body.count("\n") + 1 for body in bodies)
 
     assert largest_fusion(6) == largest_fusion(2)
+
+
+@pytest.mark.parametrize("shapes", [((3, 5, 7), (7, 4), 1), ((3, 5, 6), (6, 2, 3), 1), ((3, 5, 2, 3), (2, 3, 6), 2)])
+def test_weight_dot_general_gradients_equal_autodiff(shapes):
+    x_shape, w_shape, n = shapes
+    x = jax.random.normal(jax.random.key(1), x_shape)
+    w = jax.random.normal(jax.random.key(2), w_shape)
+    dims = ((tuple(range(len(x_shape) - n, len(x_shape))), tuple(range(n))), ((), ()))
+
+    def loss(dot):
+        return lambda x, w: jnp.sum(jnp.sin(dot(x, w, dims)))
+
+    ours = jax.jit(jax.grad(loss(matmul.weight_dot_general), (0, 1)))(x, w)
+    autodiff = jax.jit(jax.grad(loss(jax.lax.dot_general), (0, 1)))(x, w)
+    for a, b in zip(ours, autodiff):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_weight_gradients_are_untransposed_matmuls():
+    """On CPU every weight gradient is a dot whose left operand contracts its last axis (the form
+    XLA's fast matmul library takes); with plain autodiff some contract their first."""
+    import re
+
+    def transposed_dots(cfg):
+        tokens = jnp.zeros((2, 16), jnp.int32)
+        params = Transformer(cfg).init(jax.random.key(0), tokens)["params"]
+        loss = lambda p: jnp.sum(jnp.sin(Transformer(cfg).apply({"params": p}, tokens)))
+        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        dots = re.findall(r"= f32\[[\d,]+\]\{[\d,]+\} dot\(.*?lhs_contracting_dims=\{(\d+)\}.*?op_name=\"([^\"]+)\"", hlo)
+        return [name for contract, name in dots if contract == "0" and re.search(r"/(mlp|attn)/", name)]
+
+    assert transposed_dots(tiny_cfg(num_layers=1)) == []
+    assert transposed_dots(tiny_cfg(num_layers=1, remat="full")) != []  # the plain autodiff form, which remat keeps

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.model import positions as pos_lib
+from lmjax.model.matmul import dot_general_for
 from lmjax.model.norms import RMSNorm
 
 IMPLEMENTATIONS = ("einsum", "dot_product", "cudnn")
@@ -48,6 +49,7 @@ class Projection(nn.Module):
     use_bias: bool
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    dot_general: Any = jax.lax.dot_general
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -55,7 +57,7 @@ class Projection(nn.Module):
         kernel = self.param("kernel", init, self.in_shape + self.out_shape, self.param_dtype)
         n = len(self.in_shape)
         contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        y = self.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
         if self.use_bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[n:])
             y = y + self.param("bias", bias_init, self.out_shape, self.param_dtype).astype(self.dtype)
@@ -112,7 +114,8 @@ class Attention(nn.Module):
         def proj(name, heads, head_axis):
             names = ("embed", head_axis, "head_dim")
             projection = Projection(
-                (D,), (heads, E), names, cfg.init_std, cfg.use_bias, dtype, param_dtype, name=name
+                (D,), (heads, E), names, cfg.init_std, cfg.use_bias, dtype, param_dtype, dot_general_for(cfg),
+                name=name,
             )
             return projection(x_BxLxD)
 
@@ -169,6 +172,8 @@ class Attention(nn.Module):
         # GPT-2: residual projections scaled by 1/sqrt(2N) so the stream's variance stays O(1).
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         names = ("heads", "head_dim", "embed")
-        out = Projection((H, E), (D,), names, out_std, cfg.use_bias, dtype, param_dtype, name="out")
+        out = Projection(
+            (H, E), (D,), names, out_std, cfg.use_bias, dtype, param_dtype, dot_general_for(cfg), name="out"
+        )
         out_BxLxD = out(out_BxLxHxE)
         return out_BxLxD, new_cache

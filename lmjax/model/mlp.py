@@ -4,10 +4,20 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from lmjax.model.matmul import dot_general_for
+
+
+def gelu_exact(x: jnp.ndarray) -> jnp.ndarray:
+    """x * Phi(x) through erf, as PyTorch writes it: `nn.gelu(approximate=False)` goes through erfc,
+    which XLA's CPU backend lowers to two evaluated branches and a select."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu_exact,
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "relu": nn.relu,
 }
@@ -37,6 +47,7 @@ class Mlp(nn.Module):
                 param_dtype=jnp.dtype(cfg.param_dtype),
                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), names),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]),
+                dot_general=dot_general_for(cfg),
                 name=name,
             )
 
