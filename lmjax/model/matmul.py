@@ -69,7 +69,9 @@ _weight_dot.defvjp(_dot_fwd, _dot_bwd)
 def weight_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
     """`jax.lax.dot_general(x, w, dimension_numbers)` for x[..., in] @ W[in, out]; the signature
     `flax.linen.Dense(dot_general=...)` calls."""
-    if precision is not None or preferred_element_type is not None:
+    if precision is not None or preferred_element_type is not None or not isinstance(w, jax.Array):
+        # Explicit precisions, and weights that are not plain arrays (a quantized kernel), take
+        # the library's own dot_general.
         return jax.lax.dot_general(
             x, w, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
         )
