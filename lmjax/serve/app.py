@@ -136,6 +136,7 @@ class Server:
                 request = engine_lib.Request(
                     prompt=ids, max_tokens=sampling.max_tokens, emit=emit, temperature=sampling.temperature,
                     top_k=sampling.top_k, top_p=sampling.top_p, seed=seed, choice=j, score_prompt=score_prompt,
+                    ignore_eos=sampling.ignore_eos,
                 )
                 choices.append(Choice(index, request, self.tokenizer, sampling.stop, prompt_text, hidden_start))
         if self.shutting_down:

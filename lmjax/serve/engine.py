@@ -71,6 +71,7 @@ class Request:
     seed: int = 0
     choice: int = 0  # which of a request's `n` choices: its own random stream
     score_prompt: bool = False
+    ignore_eos: bool = False
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     generated: int = 0
@@ -302,7 +303,7 @@ class Engine:
         request.generated += 1
         if self.metrics is not None:
             self.metrics.generated_tokens(1)
-        if self.eos_id is not None and token.id == self.eos_id:
+        if self.eos_id is not None and token.id == self.eos_id and not request.ignore_eos:
             self._send(request, Update(prompt=prompt, finish="stop"))
             self._finish(slot, None)
             return

@@ -173,6 +173,7 @@ def _sampling_fields(max_tokens_default: int | None) -> dict:
         "frequency_penalty": (neutral(0, 0.0, None), None),
         "logit_bias": (neutral({}, None), None),
         "return_tokens_as_token_ids": (boolean, False),
+        "ignore_eos": (boolean, False),
     }
 
 
@@ -191,13 +192,14 @@ class Sampling:
     include_usage: bool
     logprobs: int | None  # alternatives per token; None: no log-probs
     tokens_as_ids: bool  # log-prob tokens as "token_id:<id>" (vLLM's extension): exact, even mid-character
+    ignore_eos: bool  # generate max_tokens whatever the model says (vLLM's extension; for benchmarks)
 
     @classmethod
     def from_values(cls, v: dict, logprobs: int | None) -> "Sampling":
         return cls(max_tokens=v["max_tokens"], temperature=v["temperature"], top_p=v["top_p"],
                    top_k=max(v["top_k"], 0), seed=v["seed"], stop=v["stop"], n=v["n"], stream=v["stream"],
                    include_usage=v["stream_options"].get("include_usage", False), logprobs=logprobs,
-                   tokens_as_ids=v["return_tokens_as_token_ids"])
+                   tokens_as_ids=v["return_tokens_as_token_ids"], ignore_eos=v["ignore_eos"])
 
 
 @dataclasses.dataclass
