@@ -251,9 +251,9 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
                 log.exception("prefill failed")
                 self._send(request, Update(finish="error", error=f"prefill failed: {type(e).__name__}: {e}"))
-                if request.max_tokens > 0:  # the donated cache may be gone: start the batch over
-                    self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
-                    self._fail_all("the engine was reset after an error", pending=False)
+                # The donated cache may be gone: start the batch over.
+                self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
+                self._fail_all("the engine was reset after an error", pending=False)
 
     def _prefill(self, request: Request) -> None:
         length = len(request.prompt)
