@@ -131,8 +131,8 @@ async def phase(url: str, bodies: list[dict], clients: int) -> dict:
 
 
 def bodies(n: int, max_tokens: int) -> list[dict]:
-    return [dict(prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, temperature=0.8, seed=i, stream=True,
-                 ignore_eos=True, stream_options={"include_usage": True}) for i in range(n)]
+    return [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8, "seed": i,
+             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}} for i in range(n)]
 
 
 def main() -> None:

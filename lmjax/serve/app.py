@@ -159,7 +159,7 @@ class Server:
             while any(c.finish is None for c in choices):
                 try:
                     index, update = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if poll_disconnect and await request.is_disconnected():
                         return
                     continue
@@ -289,7 +289,7 @@ class Server:
                             started.add(c.index)
                     if not new_text and c.finish is None:
                         continue
-                    logprobs = self.chat_logprobs(tokens, s.logprobs, s.tokens_as_ids) if s.logprobs is not None else None
+                    logprobs = None if s.logprobs is None else self.chat_logprobs(tokens, s.logprobs, s.tokens_as_ids)
                     delta = {"content": new_text} if new_text else {}
                     yield sse({**chunk, "choices": [{"index": c.index, "delta": delta, "logprobs": logprobs,
                                                      "finish_reason": c.finish}]})
@@ -307,7 +307,7 @@ class Server:
         if error:
             raise RuntimeError(error)
         out = [{"index": c.index, "message": {"role": "assistant", "content": c.stream.text.lstrip(" ")},
-                "logprobs": self.chat_logprobs(c.tokens, s.logprobs, s.tokens_as_ids) if s.logprobs is not None else None,
+                "logprobs": None if s.logprobs is None else self.chat_logprobs(c.tokens, s.logprobs, s.tokens_as_ids),
                 "finish_reason": c.finish} for c in sorted(choices, key=lambda c: c.index)]
         return JSONResponse({**meta, "object": "chat.completion", "choices": out,
                              "usage": self.usage(choices, encoded)})

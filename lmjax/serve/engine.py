@@ -248,7 +248,7 @@ class Engine:
         while (request := self._next_waiting()) is not None:
             try:
                 self._prefill(request)
-            except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
+            except Exception as e:  # one bad request must not stop the server
                 log.exception("prefill failed")
                 self._send(request, Update(finish="error", error=f"prefill failed: {type(e).__name__}: {e}"))
                 # The donated cache may be gone: start the batch over.
@@ -266,9 +266,9 @@ class Engine:
         first, prompt = jax.device_get((first, prompt))
         scored = None
         if request.score_prompt:
-            scored = (Token(request.prompt[0], None), *(
-                dataclasses.replace(t, id=request.prompt[i + 1]) for i, t in enumerate(_tokens(prompt, range(length - 1)))
-            ))
+            rest = _tokens(prompt, range(length - 1))
+            scored = (Token(request.prompt[0], None),
+                      *(dataclasses.replace(t, id=request.prompt[i + 1]) for i, t in enumerate(rest)))
         if self.metrics is not None:
             self.metrics.prompt_tokens(length)
         if request.max_tokens == 0:
@@ -286,7 +286,7 @@ class Engine:
                 self.cfg, self.params, self.cache, self.next_tokens, active, _settings(self.slots), steps
             )
             out = jax.device_get(out)
-        except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+        except Exception as e:  # fail the batch, keep serving
             log.exception("decode step failed")
             self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
             self._fail_all(f"decode step failed: {type(e).__name__}: {e}", pending=False)
@@ -326,7 +326,7 @@ class Engine:
         """Hand `update` to the request's owner; a failing receiver cancels its request, nothing more."""
         try:
             request.emit(update)
-        except Exception:  # noqa: BLE001 - the engine thread must survive its clients
+        except Exception:  # the engine thread must survive its clients
             log.exception("a request's receiver failed; cancelling it")
             request.cancel()
 

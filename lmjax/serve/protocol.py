@@ -195,7 +195,7 @@ class Sampling:
     ignore_eos: bool  # generate max_tokens whatever the model says (vLLM's extension; for benchmarks)
 
     @classmethod
-    def from_values(cls, v: dict, logprobs: int | None) -> "Sampling":
+    def from_values(cls, v: dict, logprobs: int | None) -> Sampling:
         return cls(max_tokens=v["max_tokens"], temperature=v["temperature"], top_p=v["top_p"],
                    top_k=max(v["top_k"], 0), seed=v["seed"], stop=v["stop"], n=v["n"], stream=v["stream"],
                    include_usage=v["stream_options"].get("include_usage", False), logprobs=logprobs,
@@ -248,8 +248,8 @@ def parse_chat(body: Any) -> Chat:
 
 
 def parse_tokenize(body: Any) -> tuple[str, bool]:
-    v = parse(body, {"prompt": (string, None), "add_special_tokens": (boolean, True), "model": (any_string_or_null, None)},
-              required=("prompt",))
+    fields = {"prompt": (string, None), "add_special_tokens": (boolean, True), "model": (any_string_or_null, None)}
+    v = parse(body, fields, required=("prompt",))
     return v["prompt"], v["add_special_tokens"]
 
 
