@@ -83,7 +83,8 @@ def served(tmp_path_factory):
     """The server of the tiny run's directory, as `python -m lmjax.serve` builds it."""
     workdir = str(tmp_path_factory.mktemp("serve_run"))
     tiny_run(workdir)
-    running = Running(app_lib.app_from_workdir(workdir, max_slots=MAX_SLOTS, max_queue=MAX_QUEUE, model_name="tiny"))
+    running = Running(app_lib.app_from_workdir(workdir, max_slots=MAX_SLOTS, max_queue=MAX_QUEUE, model_name="tiny",
+                                               warm_every_bucket=False))  # tests compile only what they use
     running.workdir = workdir
     yield running
     running.stop()
@@ -303,7 +304,7 @@ def test_a_streaming_client_that_disconnects_frees_its_slot(served):
 def test_shutdown_finishes_requests_in_flight(run):
     config, params, tokenizer = run
     engine = engine_lib.Engine(config.model, params, max_slots=MAX_SLOTS, max_queue=2, eos_id=tokenizer.eos_id)
-    running = Running(app_lib.create_app(engine, tokenizer, "tiny"))
+    running = Running(app_lib.create_app(engine, tokenizer, "tiny", warm_every_bucket=False))
     result = {}
 
     def client():

@@ -353,8 +353,9 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
-def create_app(engine: engine_lib.Engine, tokenizer: Tokenizer, model_name: str) -> Starlette:
-    """The application; starting it starts the engine, shutting it down drains and stops it."""
+def create_app(engine: engine_lib.Engine, tokenizer: Tokenizer, model_name: str, *,
+               warm_every_bucket: bool = True) -> Starlette:
+    """The application; starting it starts (and warms up) the engine, shutting it down drains and stops it."""
     if engine.metrics is None:
         engine.metrics = Metrics(engine.max_slots)
     server = Server(engine, tokenizer, model_name, engine.metrics)
@@ -363,7 +364,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: Tokenizer, model_name: str)
     async def lifespan(app: Starlette):
         if not engine.running:
             engine.start()
-            await asyncio.to_thread(engine.warm_up)
+            await asyncio.to_thread(engine.warm_up, warm_every_bucket)
         yield
         server.shutting_down = True  # uvicorn has stopped accepting and waited for the open requests
         await asyncio.to_thread(engine.stop, True)
@@ -382,7 +383,8 @@ def create_app(engine: engine_lib.Engine, tokenizer: Tokenizer, model_name: str)
     return app
 
 
-def app_from_workdir(workdir: str, *, max_slots: int, max_queue: int, model_name: str | None = None) -> Starlette:
+def app_from_workdir(workdir: str, *, max_slots: int, max_queue: int, model_name: str | None = None,
+                     warm_every_bucket: bool = True) -> Starlette:
     """The application for the newest checkpoint of a run directory (its stored config, its tokenizer),
     on one device whatever mesh it was trained on."""
     from lmjax.train import workdir as workdir_lib
@@ -398,4 +400,4 @@ def app_from_workdir(workdir: str, *, max_slots: int, max_queue: int, model_name
     engine = engine_lib.Engine(setup.config.model, params, max_slots=max_slots, max_queue=max_queue,
                                eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None, metrics=Metrics(max_slots))
     name = model_name or os.path.basename(os.path.normpath(workdir))
-    return create_app(engine, tokenizer, name)
+    return create_app(engine, tokenizer, name, warm_every_bucket=warm_every_bucket)

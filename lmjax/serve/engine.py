@@ -201,12 +201,18 @@ class Engine:
     def active_slots(self) -> int:
         return sum(r is not None for r in self.slots)
 
-    def warm_up(self) -> None:
-        """Compile the decode step and the smallest prefill before the first client waits for them."""
-        done = threading.Event()
-        self.submit([Request([0] * min(2, self.context - 1), 2, emit=lambda u: u.finish and done.set(),
-                             temperature=0.0)])
-        done.wait()
+    def warm_up(self, every_bucket: bool = True) -> None:
+        """Compile the decode step and the prefill of every prompt bucket (or only the smallest) before
+        clients arrive: a compile on the engine thread would stall every request in the batch."""
+        lengths, length = [2], MIN_BUCKET + 1
+        while every_bucket and length < self.context:
+            lengths.append(length)
+            length = 2 * length - 1
+        for length in lengths:
+            done = threading.Event()
+            prompt = [0] * min(length, self.context - 1)
+            self.submit([Request(prompt, 1, emit=lambda u, done=done: u.finish and done.set(), temperature=0.0)])
+            done.wait()
 
     # --- the engine thread ---------------------------------------------------------------------
 
