@@ -32,7 +32,8 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 "starlette>=0.40", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20"],
         "notebooks": ["jupyter", "ipykernel>=6.29", "nbformat>=5.10"],
         # Compile-only TPU devices on any machine (lmjax.aot), and running on TPU VMs.
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
@@ -41,5 +42,7 @@ setup(
         "gpu": [f"jax[cuda12]>={JAX_VERSION}"],
         # benchmarks/vs_pytorch.py: nanoGPT (PyTorch, CPU) against lmjax. Never needed to use lmjax.
         "bench": ["torch==2.13.0"],
+        # python -m lmjax.serve: the OpenAI-compatible server (httpx: its tests and load benchmark).
+        "serve": ["starlette>=0.40", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20"],
     },
 )

@@ -64,6 +64,19 @@ class Projection(nn.Module):
         return y
 
 
+def cache_write(cache_BxSx: jnp.ndarray, new_BxLx: jnp.ndarray, index) -> jnp.ndarray:
+    """Writes `new` into the cache at slot `index`: a scalar shared by the batch, or [B], one per row
+    (a server's slots each hold a request of its own length)."""
+    new_BxLx = new_BxLx.astype(cache_BxSx.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache_BxSx, new_BxLx, (0, index) + (0,) * (cache_BxSx.ndim - 2))
+
+    def write_row(row_Sx, new_Lx, start):
+        return jax.lax.dynamic_update_slice(row_Sx, new_Lx, (start,) + (0,) * (row_Sx.ndim - 1))
+
+    return jax.vmap(write_row)(cache_BxSx, new_BxLx, index)
+
+
 def einsum_attention(
     q_BxLxHxE: jnp.ndarray,
     k_BxSxKxE: jnp.ndarray,
@@ -98,7 +111,7 @@ class Attention(nn.Module):
 
     `ctx` holds what every layer shares: q_positions_BxL, k_positions_BxS, mask_Bx1xLxS (None:
     plain causal over this call's tokens) and cache_index (None without a KV cache: the slot where
-    this call's keys/values are written).
+    this call's keys/values are written, shared or [B] per row).
     """
 
     cfg: Any
@@ -133,9 +146,8 @@ class Attention(nn.Module):
 
         new_cache = None
         if cache is not None:
-            start = (0, ctx["cache_index"], 0, 0)
-            k_BxSxKxE = jax.lax.dynamic_update_slice(cache["k"], k_BxLxKxE.astype(cache["k"].dtype), start)
-            v_BxSxKxE = jax.lax.dynamic_update_slice(cache["v"], v_BxLxKxE.astype(cache["v"].dtype), start)
+            k_BxSxKxE = cache_write(cache["k"], k_BxLxKxE, ctx["cache_index"])
+            v_BxSxKxE = cache_write(cache["v"], v_BxLxKxE, ctx["cache_index"])
             new_cache = {"k": k_BxSxKxE, "v": v_BxSxKxE}
         else:
             k_BxSxKxE, v_BxSxKxE = k_BxLxKxE, v_BxLxKxE

@@ -1,7 +1,8 @@
 """Autoregressive decoding with a KV cache: init_cache, prefill, decode_step, and batched `generate`.
 
 The cache is a plain pytree carried through the jitted loop (no mutable Flax collection):
-  index        int32 scalar, the next slot to write (shared by the batch)
+  index        int32 scalar, the next slot to write (shared by the batch); or [B], one per row
+               (`per_row_index`), so that rows of different lengths each write where they are
   positions    [B, S] int32, the position of the token in each slot (for ALiBi)
   segment_ids  [B, S] int32, 0 for slots that must never be attended (left padding)
   layers       per layer {'k', 'v'}: [B, S, K, E] each; with scan_layers one dict of [N, B, S, K, E]
@@ -21,7 +22,7 @@ from lmjax.model.attention import head_dim
 from lmjax.model.transformer import Transformer
 
 
-def init_cache(cfg, batch_size: int, length: int | None = None, dtype=None) -> dict:
+def init_cache(cfg, batch_size: int, length: int | None = None, dtype=None, per_row_index: bool = False) -> dict:
     """An empty cache of `length` slots (default config.model.max_len), in the compute dtype."""
     S = cfg.max_len if length is None else length
     dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
@@ -34,7 +35,7 @@ def init_cache(cfg, batch_size: int, length: int | None = None, dtype=None) -> d
             {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
         )
     return {
-        "index": jnp.zeros((), jnp.int32),
+        "index": jnp.zeros((batch_size,) if per_row_index else (), jnp.int32),
         "positions": jnp.zeros((batch_size, S), jnp.int32),
         "segment_ids": jnp.zeros((batch_size, S), jnp.int32),
         "layers": layers,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.model import positions as pos_lib
-from lmjax.model.attention import Attention
+from lmjax.model.attention import Attention, cache_write
 from lmjax.model.mlp import Mlp
 from lmjax.model.norms import make_norm
 
@@ -69,8 +69,8 @@ def attention_context(positions_BxL, segment_ids_BxL, cache):
 
     The causal mask is over array slots (not positions), so packed documents whose positions
     restart at 0 stay causal; segment_ids keep them from seeing each other. With a cache, this
-    call's tokens occupy slots index..index+L-1 and slots holding segment 0 (left padding, unused)
-    are never attended by real tokens.
+    call's tokens occupy slots index..index+L-1 (index: shared, or one per row) and slots holding
+    segment 0 (left padding, unused) are never attended by real tokens.
     """
     B, L = positions_BxL.shape
     if cache is None:
@@ -82,16 +82,13 @@ def attention_context(positions_BxL, segment_ids_BxL, cache):
         return ctx, None
     if segment_ids_BxL is None:
         segment_ids_BxL = jnp.ones((B, L), jnp.int32)
-    index = cache["index"]
-
-    def write(old_BxS, new_BxL):
-        return jax.lax.dynamic_update_slice(old_BxS, new_BxL.astype(jnp.int32), (0, index))
-
-    k_positions_BxS = write(cache["positions"], positions_BxL)
-    k_segments_BxS = write(cache["segment_ids"], segment_ids_BxL)
+    index = cache["index"]  # shared, or [B] per row
+    k_positions_BxS = cache_write(cache["positions"], positions_BxL, index)
+    k_segments_BxS = cache_write(cache["segment_ids"], segment_ids_BxL, index)
     S = k_positions_BxS.shape[1]
-    causal_LxS = jnp.arange(S)[None, :] <= (index + jnp.arange(L))[:, None]
-    mask = (causal_LxS[None] & (segment_ids_BxL[:, :, None] == k_segments_BxS[:, None, :]))[:, None]
+    query_slots_BxL = jnp.reshape(index, (-1, 1)) + jnp.arange(L)
+    causal_BxLxS = jnp.arange(S)[None, None, :] <= query_slots_BxL[:, :, None]
+    mask = (causal_BxLxS & (segment_ids_BxL[:, :, None] == k_segments_BxS[:, None, :]))[:, None]
     ctx = {"q_positions": positions_BxL, "k_positions": k_positions_BxS, "mask": mask, "cache_index": index}
     header = {"index": index + L, "positions": k_positions_BxS, "segment_ids": k_segments_BxS}
     return ctx, header

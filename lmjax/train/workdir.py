@@ -90,3 +90,24 @@ def _pin_tokenizer(config: config_dict.ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, TOKENIZER_FILE)
     if config.data.tokenizer == "sentencepiece" and not config.data.tokenizer_path and epath.Path(path).exists():
         config.data.tokenizer_path = path
+
+
+def saved_config(workdir: str) -> config_dict.ConfigDict:
+    """The config stored with the newest checkpoint of `workdir`, over today's defaults: a job that
+    only reads a trained run (serving) needs nothing but its directory."""
+    require_checkpoint(workdir)
+    manager = checkpointing.make_manager(workdir, None, read_only=True)
+    try:
+        step = max(manager.all_steps())
+        saved = checkpointing.saved_config(manager, step)
+    finally:
+        manager.close()
+    if saved is None:
+        raise ValueError(f"the config stored with checkpoint step {step} in {manager.directory} cannot be read")
+    config = config_lib.default_config()
+    try:
+        config.update(saved)
+    except (KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"the config stored with checkpoint step {step} in {manager.directory} does not fit "
+                         f"this version's config keys: {e}") from e
+    return config

@@ -1,0 +1,353 @@
+"""Continuous batching: a fixed number of slots in one preallocated KV cache, served by one thread.
+
+Between two decode steps the engine prefills waiting requests into free slots (one request at a
+time, its prompt padded to a power-of-two bucket so that few prefill programs are compiled), then
+runs ONE jitted decode step for all slots. A request leaves its slot the moment it ends (its token
+budget, EOS, or its client cancelled), and the slot takes the next waiting request at once.
+
+The cache is `lmjax.model.decoding`'s, with one write index per row: every slot holds its own
+request at positions 0.. of its own, so prompts need no left padding and requests of any lengths
+share the batch. Free slots still run through the decode step (fixed shapes: one compiled program)
+with their index held at 0; their outputs are ignored and the next prefill overwrites the whole row.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import FrozenConfigDict
+
+from lmjax.model import decoding
+from lmjax.serve import sampler
+
+log = logging.getLogger(__name__)
+MIN_BUCKET = 32
+
+
+class QueueFull(RuntimeError):
+    """The bounded queue of waiting requests cannot take these."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """A token the model produced (or scored): its id, its log-prob, its likeliest alternatives."""
+
+    id: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """What the engine reports for a request: prompt scores (once), new tokens, the end."""
+
+    tokens: tuple[Token, ...] = ()
+    prompt: tuple[Token, ...] | None = None  # the prompt's tokens scored, when asked for
+    finish: str | None = None  # "length" (max_tokens), "stop" (EOS), "error"
+    error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One sequence to generate. `emit` is called on the engine thread and must not block."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[Update], None]
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    choice: int = 0  # which of a request's `n` choices: its own random stream
+    score_prompt: bool = False
+    ignore_eos: bool = False
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    generated: int = 0
+
+    def cancel(self) -> None:
+        """Stop generating (a client went away, or a stop string was found): the slot is freed."""
+        self.cancelled.set()
+
+
+def bucket(length: int, limit: int) -> int:
+    """The padded prompt length: the next power of two (at least MIN_BUCKET), at most `limit`."""
+    return min(limit, max(MIN_BUCKET, 1 << (length - 1).bit_length()))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def prefill_into(cfg, params, cache, slot, tokens_1xP, length, settings):
+    """Prefill one prompt into its own row, then write the row into `cache` at `slot` (the other slots
+    are untouched). Returns (cache, the first new token, the prompt's own token scores): the scores
+    are computed always, so that one program serves scoring and generation."""
+    row = decoding.init_cache(cfg, 1, cfg.max_len, per_row_index=True)
+    logits_1xPxV, row = decoding.prefill(cfg, params, row, tokens_1xP)
+    row = {**row, "index": jnp.reshape(length, (1,))}
+
+    def put(big, small, axis=0):
+        return jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis)
+
+    header = {key: put(cache[key], row[key]) for key in ("index", "positions", "segment_ids")}
+    layer_batch_axis = 1 if cfg.scan_layers else 0
+    layers = jax.tree.map(functools.partial(put, axis=layer_batch_axis), cache["layers"], row["layers"])
+
+    logprobs_PxV = jax.nn.log_softmax(logits_1xPxV[0], axis=-1)
+    prompt = {
+        "logprob": jnp.take_along_axis(logprobs_PxV[:-1], tokens_1xP[0, 1:, None], axis=-1)[:, 0],
+        **dict(zip(("top_logprobs", "top_ids"), jax.lax.top_k(logprobs_PxV[:-1], sampler.TOP_LOGPROBS))),
+    }
+    last_1xV = jax.lax.dynamic_slice_in_dim(logits_1xPxV[0], length - 1, 1)
+    keys_1 = sampler.row_keys(settings["seed"], settings["choice"], jnp.zeros((1,), jnp.int32))
+    first = sampler.sample_rows(last_1xV, settings["temperature"], settings["top_k"], settings["top_p"], keys_1)
+    return {**header, "layers": layers}, first, prompt
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def decode_slots(cfg, params, cache, tokens_B, active_B, settings, steps_B):
+    """One new token for every slot, each with its own sampling settings and random stream."""
+    logits_BxV, cache = decoding.decode_step(cfg, params, cache, tokens_B, cache["index"])
+    cache = {**cache, "index": jnp.where(active_B, cache["index"], 0)}
+    keys_B = sampler.row_keys(settings["seed"], settings["choice"], steps_B)
+    out = sampler.sample_rows(logits_BxV, settings["temperature"], settings["top_k"], settings["top_p"], keys_B)
+    return cache, out
+
+
+def _settings(requests: list[Request | None]) -> dict:
+    """Per-row sampling settings as arrays (free rows: greedy)."""
+    rows = [r if r is not None else Request([], 0, emit=lambda u: None, temperature=0.0) for r in requests]
+    return {
+        "temperature": np.array([r.temperature for r in rows], np.float32),
+        "top_k": np.array([r.top_k for r in rows], np.int32),
+        "top_p": np.array([r.top_p for r in rows], np.float32),
+        "seed": np.array([r.seed & 0xFFFFFFFF for r in rows], np.uint32),
+        "choice": np.array([r.choice for r in rows], np.int32),
+    }
+
+
+def _tokens(out: dict, rows: list[int]) -> list[Token]:
+    """Host-side Tokens from a sampler's (or prompt scorer's) output arrays."""
+    ids = out.get("token")
+    return [
+        Token(
+            id=int(ids[i]) if ids is not None else -1,
+            logprob=float(out["logprob"][i]),
+            top=tuple(zip(out["top_ids"][i].tolist(), out["top_logprobs"][i].tolist())),
+        )
+        for i in rows
+    ]
+
+
+class Engine:
+    """Slots, a bounded queue of waiting requests, and the thread that serves them."""
+
+    def __init__(self, model_cfg: Any, params: Any, *, max_slots: int, max_queue: int, eos_id: int | None,
+                 metrics: Any = None):
+        self.cfg = FrozenConfigDict(model_cfg)
+        self.params = nn.unbox(params)
+        self.max_slots, self.max_queue = int(max_slots), int(max_queue)
+        self.context = int(self.cfg.max_len)
+        self.eos_id = eos_id
+        self.metrics = metrics
+        self.slots: list[Request | None] = [None] * self.max_slots
+        self.next_tokens = np.zeros(self.max_slots, np.int32)
+        self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
+        self._pending: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._drain = True
+        self._thread = threading.Thread(target=self._serve, name="lmjax-engine", daemon=True)
+
+    # --- the server's side ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """End the thread; with `drain`, after the waiting and running requests finish."""
+        with self._wake:
+            self._stopping, self._drain = True, drain
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue `requests` (all or none); QueueFull when the queue would exceed `max_queue`."""
+        with self._wake:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._pending) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting (the queue holds {self.max_queue})")
+            self._pending.extend(requests)
+            self._update_gauges()
+            self._wake.notify()
+
+    def queue_length(self) -> int:
+        return len(self._pending)
+
+    def active_slots(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def warm_up(self, every_bucket: bool = True) -> None:
+        """Compile the decode step and the prefill of every prompt bucket (or only the smallest) before
+        clients arrive: a compile on the engine thread would stall every request in the batch."""
+        lengths, length = [2], MIN_BUCKET + 1
+        while every_bucket and length < self.context:
+            lengths.append(length)
+            length = 2 * length - 1
+        for length in lengths:
+            done = threading.Event()
+            prompt = [0] * min(length, self.context - 1)
+            self.submit([Request(prompt, 1, emit=lambda u, done=done: u.finish and done.set(), temperature=0.0)])
+            done.wait()
+
+    # --- the engine thread ---------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._pending and not self.active_slots():
+                    self._wake.wait()
+                if self._stopping and not self._drain:
+                    self._fail_all("the server is shutting down")
+                    return
+                if self._stopping and not self._pending and not self.active_slots():
+                    return
+            self._free_cancelled()
+            self._admit()
+            if self.active_slots():
+                self._decode()
+            self._update_gauges()
+
+    def _free_cancelled(self) -> None:
+        for slot, request in enumerate(self.slots):
+            if request is not None and request.cancelled.is_set():
+                self._finish(slot, None)
+
+    def _next_waiting(self) -> Request | None:
+        with self._wake:
+            while self._pending:
+                request = self._pending[0]
+                if request.cancelled.is_set():
+                    self._pending.popleft()
+                    continue
+                if None not in self.slots:
+                    return None
+                return self._pending.popleft()
+        return None
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free slots until none is left."""
+        while (request := self._next_waiting()) is not None:
+            try:
+                self._prefill(request)
+            except Exception as e:  # one bad request must not stop the server
+                log.exception("prefill failed")
+                self._send(request, Update(finish="error", error=f"prefill failed: {type(e).__name__}: {e}"))
+                # The donated cache may be gone: start the batch over.
+                self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
+                self._fail_all("the engine was reset after an error", pending=False)
+
+    def _prefill(self, request: Request) -> None:
+        length = len(request.prompt)
+        tokens = np.zeros((1, bucket(length, self.context)), np.int32)
+        tokens[0, :length] = request.prompt
+        slot = self.slots.index(None)  # a prompt only scored (max_tokens 0) leaves it free again
+        self.cache, first, prompt = prefill_into(
+            self.cfg, self.params, self.cache, np.int32(slot), tokens, np.int32(length), _settings([request])
+        )
+        first, prompt = jax.device_get((first, prompt))
+        scored = None
+        if request.score_prompt:
+            rest = _tokens(prompt, range(length - 1))
+            scored = (Token(request.prompt[0], None),
+                      *(dataclasses.replace(t, id=request.prompt[i + 1]) for i, t in enumerate(rest)))
+        if self.metrics is not None:
+            self.metrics.prompt_tokens(length)
+        if request.max_tokens == 0:
+            self._send(request, Update(prompt=scored, finish="length"))
+            self._observe_end(request)
+            return
+        self.slots[slot] = request
+        self._accept(slot, _tokens(first, [0])[0], prompt=scored)
+
+    def _decode(self) -> None:
+        active = np.array([r is not None for r in self.slots])
+        steps = np.array([r.generated if r is not None else 0 for r in self.slots], np.int32)
+        try:
+            self.cache, out = decode_slots(
+                self.cfg, self.params, self.cache, self.next_tokens, active, _settings(self.slots), steps
+            )
+            out = jax.device_get(out)
+        except Exception as e:  # fail the batch, keep serving
+            log.exception("decode step failed")
+            self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
+            self._fail_all(f"decode step failed: {type(e).__name__}: {e}", pending=False)
+            return
+        rows = [slot for slot in range(self.max_slots) if active[slot]]
+        for slot, token in zip(rows, _tokens(out, rows)):
+            self._accept(slot, token)
+
+    def _accept(self, slot: int, token: Token, prompt: tuple[Token, ...] | None = None) -> None:
+        """Hand a new token to its request; free the slot if the request is done."""
+        request = self.slots[slot]
+        if request.generated == 0 and self.metrics is not None:
+            self.metrics.first_token(time.perf_counter() - request.submitted)
+        request.generated += 1
+        if self.metrics is not None:
+            self.metrics.generated_tokens(1)
+        if self.eos_id is not None and token.id == self.eos_id and not request.ignore_eos:
+            self._send(request, Update(prompt=prompt, finish="stop"))
+            self._finish(slot, None)
+            return
+        done = request.generated >= request.max_tokens
+        self._send(request, Update(tokens=(token,), prompt=prompt, finish="length" if done else None))
+        if done:
+            self._finish(slot, None)
+        else:
+            self.next_tokens[slot] = token.id
+
+    def _finish(self, slot: int, update: Update | None) -> None:
+        request = self.slots[slot]
+        self.slots[slot] = None
+        self.next_tokens[slot] = 0
+        if update is not None:
+            self._send(request, update)
+        self._observe_end(request)
+
+    def _send(self, request: Request, update: Update) -> None:
+        """Hand `update` to the request's owner; a failing receiver cancels its request, nothing more."""
+        try:
+            request.emit(update)
+        except Exception:  # the engine thread must survive its clients
+            log.exception("a request's receiver failed; cancelling it")
+            request.cancel()
+
+    def _observe_end(self, request: Request) -> None:
+        if self.metrics is not None:
+            self.metrics.request_done(time.perf_counter() - request.submitted)
+
+    def _fail_all(self, message: str, pending: bool = True) -> None:
+        for slot, request in enumerate(self.slots):
+            if request is not None:
+                self._finish(slot, Update(finish="error", error=message))
+        if pending:
+            while self._pending:
+                self._send(self._pending.popleft(), Update(finish="error", error=message))
+
+    def _update_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_load(len(self._pending), self.active_slots())
