@@ -15,7 +15,7 @@ import pytest
 
 from lmjax import config as config_lib
 from lmjax.data.tokenizers import CharTokenizer
-from lmjax.evals import Example, Scorer, Task, TooLongError, harness, load_tasks, prompts, split_tokens
+from lmjax.evals import Example, Scorer, Task, TooLongError, harness, induction, load_tasks, prompts, split_tokens
 from lmjax.evals.scoring import edit_distance
 from lmjax.model import Transformer
 from lmjax.train import checkpointing
@@ -306,3 +306,31 @@ def test_evaluate_every_checkpoint_of_a_run_writes_one_json_per_step(tmp_path, c
     assert direct == pytest.approx(results[10]["mc"]["0"], rel=1e-6)
     table = harness.format_table(results)
     assert table.count("\n") == 1 + 4 and "mc_norm" in table
+
+
+def test_induction_score_is_late_minus_early_loss_on_repeated_halves(cfg, params, tokenizer):
+    T = 7
+    tokens = induction.repeated_sequences(tokenizer, 3, T, seed=1)
+    assert tokens.shape == (3, 1 + 2 * T) and (tokens[:, 0] == tokenizer.eos_id).all()
+    assert (tokens[:, 1 : 1 + T] == tokens[:, 1 + T :]).all() and (tokens[:, 1:] != tokenizer.eos_id).all()
+    lp = exact_log_probs(cfg, params, tokens[:, :-1])
+    loss_of = lambda b, p: -lp[b, p - 1, tokens[b, p]]  # the loss of the token at position p
+    early = np.mean([loss_of(b, p) for b in range(3) for p in range(2, 1 + T)])
+    late = np.mean([loss_of(b, p) for b in range(3) for p in range(2 + T, 1 + 2 * T)])
+    score = induction.induction_score(cfg, params, tokens, T)
+    assert score["early_loss"] == pytest.approx(early, rel=1e-5)
+    assert score["late_loss"] == pytest.approx(late, rel=1e-5)
+    assert score["icl_score"] == pytest.approx(late - early, rel=1e-4, abs=1e-5)
+
+
+def test_key_value_task_answers_are_given_only_in_the_prompt_and_it_scores(scorer):
+    task = induction.key_value_task(6, 4, num_values=4, seed=3)
+    assert task == induction.key_value_task(6, 4, num_values=4, seed=3)  # seeded
+    for ex in task.examples:
+        *pairs, query = ex.input.split(" ")
+        mapping = dict(p.split(":") for p in pairs)
+        assert len(mapping) == 4 and query.endswith(":") and query[:-1] in mapping
+        assert ex.targets == (mapping[query[:-1]],) and ex.answer == mapping[query[:-1]]
+        assert ex.choice_scores[ex.choices.index(ex.answer)] == 1.0 and sum(ex.choice_scores) == 1.0
+    metrics = harness.evaluate_task(scorer, task, 0)
+    assert metrics["examples"] == 6 and 0.0 <= metrics["multiple_choice_grade"] <= 1.0
