@@ -12,18 +12,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_model import forward, init, tiny_cfg
 
 from lmjax import config as config_lib
 from lmjax.data.tokenizers import CharTokenizer
-from lmjax.evals import Example, Scorer, Task, TooLongError, harness, induction, load_tasks, prompts, split_tokens
+from lmjax.evals import (
+    Example,
+    Scorer,
+    Task,
+    TooLongError,
+    harness,
+    induction,
+    load_tasks,
+    prompts,
+    split_tokens,
+)
 from lmjax.evals.scoring import edit_distance
-from lmjax.model import Transformer
 from lmjax.train import checkpointing
 from lmjax.train import step as step_lib
 from lmjax.train import workdir as workdir_lib
 from lmjax.train.state import TrainState
-
-from test_model import forward, init, tiny_cfg
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "bigbench"
 CHARS = sorted(set(string.printable))
@@ -124,7 +132,7 @@ def test_choices_of_one_context_share_a_batch_and_small_groups_share_one(scorer,
 class MergingTokenizer:
     """Greedy longest match over a vocabulary with the merge 'ab': 'x' + 'abc' splits inside a token."""
 
-    pieces = ["ab", "a", "b", "c", "x", "y"]
+    pieces = ("ab", "a", "b", "c", "x", "y")
     eos_id = len(pieces)
 
     def encode(self, text):
@@ -286,7 +294,7 @@ def test_evaluate_every_checkpoint_of_a_run_writes_one_json_per_step(tmp_path, c
     tx, _ = step_lib.make_tx(setup.config, step_lib.abstract_params(setup.config, setup.model))
     manager = checkpointing.make_manager(workdir, setup.config.checkpoint)
     for step, scale in ((10, 1.0), (20, 1.5)):
-        step_params = jax.tree.map(lambda p: p * scale, params)
+        step_params = jax.tree.map(lambda p, scale=scale: p * scale, params)
         state = TrainState(jnp.int32(step), step_params, tx.init(step_params), jax.random.PRNGKey(0))
         checkpointing.save(manager, step, state, data_state={}, config=config_lib.to_json(setup.config))
     manager.wait_until_finished()

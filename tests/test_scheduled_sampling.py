@@ -5,14 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_model import V, init
+from test_train import random_batch, tiny_config
 
 from lmjax import config as config_lib
 from lmjax import sharding, train
 from lmjax.model import Transformer
 from lmjax.train import scheduled_sampling
-
-from test_model import V, init
-from test_train import random_batch, tiny_config
 
 
 def train_cfg(name, k=100.0, cap=1.0):

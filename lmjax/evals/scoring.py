@@ -94,6 +94,8 @@ class Scorer:
         self.truncated = 0  # prompts cut from the left so far
 
     def _place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A global batch split over the mesh's batch axes like a training batch (each process
+        feeds its own rows); unplaced without a mesh."""
         if self.mesh is None:
             return batch
         start, stop = sharding.process_rows(self.mesh, self.rules, len(batch["inputs"]))

@@ -130,7 +130,7 @@ def _strings(value: Any, where: str, *, allow_empty: bool = False) -> tuple[str,
 
 def _check_metrics(metrics: Any, where: str) -> tuple[str, ...]:
     if isinstance(metrics, str) or not isinstance(metrics, list | tuple):
-        raise ValueError(f"{where}: 'metrics' must be a list, got {metrics!r}")
+        raise ValueError(f"{where}: 'metrics' must be a list, got {metrics!r}")  # noqa: TRY004 - a bad file, not a bug
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"{where}: unknown metric {unknown[0]!r}; this harness scores {', '.join(METRICS)}")
@@ -158,7 +158,7 @@ def _require(task: Task) -> Task:
 
 def _bigbench_task(data: Any, path: str, name: str) -> Task:
     if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
-        raise ValueError(f"task {path}: a BIG-bench task is a JSON object with a list of 'examples'")
+        raise ValueError(f"task {path}: a BIG-bench task is a JSON object with a list of 'examples'")  # noqa: TRY004
     examples = []
     for i, raw in enumerate(data["examples"]):
         where = f"task {path}: example {i}"
