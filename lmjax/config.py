@@ -272,6 +272,11 @@ def check(config: config_dict.ConfigDict) -> None:
         )
     if not 0.0 <= config.train.scheduled_sampling_max <= 1.0:
         raise ValueError(f"config.train.scheduled_sampling_max={config.train.scheduled_sampling_max} must be in [0, 1]")
+    k, schedule = config.train.scheduled_sampling_k, config.train.scheduled_sampling
+    k_valid = {"linear": ("> 0", k > 0), "exponential": ("in (0, 1)", 0 < k < 1), "inverse_sigmoid": (">= 1", k >= 1)}
+    if not k_valid.get(schedule, ("", True))[1]:
+        raise ValueError(f"config.train.scheduled_sampling_k={k} must be {k_valid[schedule][0]} for "
+                         f"config.train.scheduled_sampling={schedule!r}")
     if not 0.0 <= config.model.dropout < 1.0:
         raise ValueError(f"config.model.dropout={config.model.dropout} must be in [0, 1)")
     if config.model.vocab_size is not None and config.model.vocab_size < 1:

@@ -35,11 +35,11 @@ def test_only_inputs_that_follow_a_weighted_target_take_the_models_guess():
     inputs = jnp.array([[10, 11, 12, 13, 14]])
     guesses = jnp.array([[21, 22, 23, 24, 25]])  # guesses[t] is the guess of inputs[t + 1]
     weights = jnp.array([[1, 0, 1, 1, 1]])  # input 2 follows an unweighted target (a boundary): kept
-    key = jax.random.key(0)
-    assert scheduled_sampling.mix_inputs(inputs, guesses, weights, 1.0, key).tolist() == [[10, 21, 12, 23, 24]]
-    assert scheduled_sampling.mix_inputs(inputs, guesses, weights, 0.0, key).tolist() == inputs.tolist()
+    key, mix = jax.random.key(0), jax.jit(scheduled_sampling.mix_inputs)
+    assert mix(inputs, guesses, weights, 1.0, key).tolist() == [[10, 21, 12, 23, 24]]
+    assert mix(inputs, guesses, weights, 0.0, key).tolist() == inputs.tolist()
     big = jnp.ones((64, 64), jnp.int32)
-    half = scheduled_sampling.mix_inputs(big, big * 2, big, 0.5, key)
+    half = mix(big, big * 2, big, 0.5, key)
     assert 0.4 < float(jnp.mean(half[:, 1:] == 2)) < 0.6 and bool(jnp.all(half[:, 0] == 1))
 
 
@@ -58,6 +58,7 @@ def one_step(c, params, batch):
 def test_probability_zero_is_bit_identical_to_teacher_forcing():
     c = tiny_config(num_layers=1, embed_dim=32, vocab_size=V)
     c.train.batch_size = 4
+    c.optim.update(name="sgd", clip=0.0)  # the smallest step to compile; the loss path is the same
     params, batch = init(c.model), random_batch(c)
     forced_state, forced = one_step(c, params, batch)
     c.train.update(scheduled_sampling="constant", scheduled_sampling_max=0.0)
@@ -67,3 +68,15 @@ def test_probability_zero_is_bit_identical_to_teacher_forcing():
     for a, b in zip(jax.tree.leaves(zero_state.params), jax.tree.leaves(forced_state.params)):
         assert np.array_equal(a, b)
     assert not np.array_equal(zero_state.params["embedding"], params["embedding"])  # the step did update
+
+
+def test_a_k_that_does_not_fit_the_schedule_is_refused():
+    c = config_lib.default_config()
+    c.train.update(scheduled_sampling="exponential", scheduled_sampling_k=1000.0)
+    with pytest.raises(ValueError, match=r"scheduled_sampling_k=1000.0 must be in \(0, 1\) for .*'exponential'"):
+        config_lib.check(c)
+    c.train.scheduled_sampling_k = 0.999
+    config_lib.check(c)
+    c.train.update(scheduled_sampling="constant", scheduled_sampling_max=1.5)
+    with pytest.raises(ValueError, match=r"scheduled_sampling_max=1.5 must be in \[0, 1\]"):
+        config_lib.check(c)
