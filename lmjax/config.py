@@ -115,6 +115,11 @@ def default_config() -> config_dict.ConfigDict:
     t.microbatches = 1  # gradient accumulation: the batch is split into this many scanned chunks
     t.seed = 0  # parameter init, dropout
     t.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM); 0 disables
+    # Scheduled sampling (lmjax/train/scheduled_sampling.py): gold inputs replaced by the model's own
+    # guesses with a probability that follows this schedule: none | constant | linear | exponential | inverse_sigmoid
+    t.scheduled_sampling = "none"
+    t.scheduled_sampling_k = 1000.0  # the schedule's k: linear: steps to reach 1; exponential: k^i (< 1); inverse_sigmoid: k
+    t.scheduled_sampling_max = 0.25  # cap on the replacement probability
     t.log_every = 10  # steps between metric lines
 
     o = c.optim = config_dict.ConfigDict()
@@ -207,7 +212,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     here, not at the top, so that loading a preset stays free of JAX)."""
     from lmjax.data import packing, sources, tokenizers
     from lmjax.model import attention, mlp, norms, positions, transformer
-    from lmjax.train import optimizer, schedules
+    from lmjax.train import optimizer, scheduled_sampling, schedules
 
     return {
         "model.position": positions.POSITION_TYPES,
@@ -225,6 +230,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "data.text_split": sources.TEXT_SPLITS,
         "optim.name": optimizer.OPTIMIZERS,
         "optim.schedule": schedules.SCHEDULES,
+        "train.scheduled_sampling": scheduled_sampling.SCHEDULES,
     }
 
 
@@ -264,6 +270,13 @@ def check(config: config_dict.ConfigDict) -> None:
         raise ValueError(
             f"config.optim.warmup_steps={config.optim.warmup_steps} exceeds config.train.steps={config.train.steps}"
         )
+    if not 0.0 <= config.train.scheduled_sampling_max <= 1.0:
+        raise ValueError(f"config.train.scheduled_sampling_max={config.train.scheduled_sampling_max} must be in [0, 1]")
+    k, schedule = config.train.scheduled_sampling_k, config.train.scheduled_sampling
+    k_valid = {"linear": ("> 0", k > 0), "exponential": ("in (0, 1)", 0 < k < 1), "inverse_sigmoid": (">= 1", k >= 1)}
+    if not k_valid.get(schedule, ("", True))[1]:
+        raise ValueError(f"config.train.scheduled_sampling_k={k} must be {k_valid[schedule][0]} for "
+                         f"config.train.scheduled_sampling={schedule!r}")
     if not 0.0 <= config.model.dropout < 1.0:
         raise ValueError(f"config.model.dropout={config.model.dropout} must be in [0, 1)")
     if config.model.vocab_size is not None and config.model.vocab_size < 1:

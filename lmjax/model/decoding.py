@@ -109,19 +109,21 @@ def generate(
     top_p: float = 1.0,
     rng: jax.Array | None = None,
     eos_id: int | None = None,
+    min_prompt_len: int = 0,
 ) -> list[list[int]]:
     """Samples continuations of a batch of prompts (of any lengths >= 1); returns the new tokens only.
 
     temperature 0 is greedy. All rows run for max_new_tokens steps in one jitted scan; a row's output
-    is then cut before its first eos_id.
+    is then cut before its first eos_id. Prompts are left-padded to the longest, or to
+    `min_prompt_len` if longer: callers that round it up to a few sizes compile a few programs.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
     lengths = [len(p) for p in prompts]
-    B, P = len(prompts), max(lengths)
-    if cfg.position == "learned" and P + max_new_tokens > cfg.max_len:
+    B, P = len(prompts), max(max(lengths), min_prompt_len)
+    if cfg.position == "learned" and max(lengths) + max_new_tokens > cfg.max_len:
         raise ValueError(
-            f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds "
+            f"prompt length {max(lengths)} + max_new_tokens {max_new_tokens} exceeds "
             f"config.model.max_len={cfg.max_len}, the size of the learned position table"
         )
     tokens = np.zeros((B, P), np.int32)

@@ -6,6 +6,7 @@ The step (imported here):
   schedules.py     warmup, then cosine / linear / constant / WSD
   state.py         TrainState: params, optimizer state, step, rng as one pytree
   step.py          the sharded state and the jitted train and eval steps
+  scheduled_sampling.py  training on inputs mixed with the model's own guesses (off by default)
   mfu.py           model FLOPs utilization
 The loop (import the modules themselves, e.g. `from lmjax.train import trainer`):
   workdir.py       opening a run directory: checked config, tokenizer, mesh, model, restore

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from lmjax import sharding
+from lmjax.train import scheduled_sampling
 from lmjax.train.loss import cross_entropy_sums, safe_mean
 from lmjax.train.optimizer import decay_mask, make_optimizer
 from lmjax.train.schedules import make_schedule
@@ -108,14 +109,22 @@ def create_train_state(config: Any, model: nn.Module, mesh: Mesh) -> tuple[Train
 
 
 def _loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
-    """(params, batch, dropout_key) -> (objective, (loss_sum, weight_sum, z_sum)) for value_and_grad."""
+    """(params, batch, dropout_key, step) -> (objective, (loss_sum, weight_sum, z_sum)) for value_and_grad."""
     z_weight = float(config.train.z_loss)
     deterministic = float(config.model.dropout) == 0.0
+    sampling = config.train.scheduled_sampling != "none"
 
-    def loss_sums(params: Any, batch: dict[str, jax.Array], dropout_key: jax.Array):
+    def loss_sums(params: Any, batch: dict[str, jax.Array], dropout_key: jax.Array, step: jax.Array):
+        inputs = batch["inputs"]
+        if sampling:  # a first pass, without gradients, guesses every input; the second trains on a mix
+            guess_logits_BxLxV = model.apply({"params": jax.lax.stop_gradient(params)}, inputs,
+                                             positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+            probability = scheduled_sampling.replace_probability(config.train, step)
+            inputs = scheduled_sampling.mix_inputs(inputs, jnp.argmax(guess_logits_BxLxV, axis=-1), batch["weights"],
+                                                   probability, jax.random.fold_in(dropout_key, 1))
         logits_BxLxV = model.apply(
             {"params": params},
-            batch["inputs"],
+            inputs,
             positions=batch.get("positions"),
             segment_ids=batch.get("segment_ids"),
             deterministic=deterministic,
@@ -156,9 +165,9 @@ def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: 
     batch_ways = sharding.batch_sharding(mesh, rules).spec[0]
     chunked = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, batch_ways))
 
-    def accumulate(params: Any, batch: dict[str, jax.Array], key: jax.Array):
+    def accumulate(params: Any, batch: dict[str, jax.Array], key: jax.Array, step: jax.Array):
         if microbatches == 1:
-            (_, sums), grads = grad_fn(params, batch, key)
+            (_, sums), grads = grad_fn(params, batch, key, step)
             return grads, sums
 
         def to_chunks(x_BxL: jax.Array) -> jax.Array:
@@ -168,7 +177,7 @@ def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: 
         def body(carry, chunk_and_index):
             grads_acc, sums_acc = carry
             chunk, i = chunk_and_index
-            (_, sums), grads = grad_fn(params, chunk, jax.random.fold_in(key, i))
+            (_, sums), grads = grad_fn(params, chunk, jax.random.fold_in(key, i), step)
             return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
         zeros = jax.lax.with_sharding_constraint(
@@ -182,7 +191,7 @@ def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         with sharding.activation_sharding(mesh, rules):
             key = jax.random.fold_in(state.rng, state.step)
-            grads, (loss_sum, weight_sum, z_sum) = accumulate(state.params, batch, key)
+            grads, (loss_sum, weight_sum, z_sum) = accumulate(state.params, batch, key, state.step)
             grads = jax.tree.map(lambda g: safe_mean(g, weight_sum), grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
