@@ -273,7 +273,8 @@ def test_runs_that_cannot_fit_their_budget_are_refused_with_the_run_name():
         sweeps.kaplan(base, sizes=[100], tokens=1e9)
 
 
-@pytest.mark.parametrize("path", [TINY, os.path.join(REPO, "configs", "sweeps", "cpu_isoflop.py")])
+@pytest.mark.parametrize("path", [TINY, os.path.join(REPO, "configs", "sweeps", "cpu_isoflop.py"),
+                                  os.path.join(REPO, "configs", "sweeps", "cpu_extrapolate.py")])
 def test_sweep_files_override_only_keys_the_base_config_has(path):
     sweep = sweeps.load_sweep(path)
     for run in sweep.runs:
@@ -288,6 +289,16 @@ def test_cpu_isoflop_sweep_is_three_budgets_of_four_or_five_sizes():
     budgets = sorted({r.budget for r in sweep.runs})
     assert len(budgets) == 3 and all(sum(r.budget == c for r in sweep.runs) in (4, 5) for c in budgets)
     assert all(abs(r.flops / r.budget - 1) < 0.02 for r in sweep.runs)
+
+
+def test_cpu_extrapolate_adds_three_sizes_at_ten_times_the_demos_largest_budget():
+    demo = sweeps.load_sweep(os.path.join(REPO, "configs", "sweeps", "cpu_isoflop.py"))
+    sweep = sweeps.load_sweep(os.path.join(REPO, "configs", "sweeps", "cpu_extrapolate.py"))
+    assert sweep.runs[:len(demo.runs)] == demo.runs and sweep.overrides == demo.overrides  # the same runs, resumable
+    extra = sweep.runs[len(demo.runs):]
+    assert [r.budget for r in extra] == [10 * max(r.budget for r in demo.runs)] * 3
+    assert [r.n_params for r in extra] == [334464, 544256, 803200]
+    assert all(abs(r.flops / r.budget - 1) < 0.01 and r.overrides["model.num_layers"] == 2 for r in extra)
 
 
 def test_local_dry_run_prints_one_main_command_per_run(capsys, tmp_path):
