@@ -190,7 +190,9 @@ def report(fits: dict, budgets: list[float]) -> str:
     return "\n".join(lines)
 
 
-def write_plots(fits: dict, rows: list[dict], out_dir: str) -> list[str]:
+def write_plots(fits: dict, rows: list[dict], out_dir: str, points=None, side_by_side=(), measured=None) -> list[str]:
+    """The figures; `points` (approach 1's curve points) adds the envelope, `side_by_side` the
+    predictions at one budget (with the `measured` optimum there, if any)."""
     from lmjax.scaling import plots  # matplotlib only when figures are wanted
 
     rows = usable(rows)
@@ -210,6 +212,10 @@ def write_plots(fits: dict, rows: list[dict], out_dir: str) -> list[str]:
         budgets = sorted({r["budget"] for r in rows if r.get("budget")})
         paths.append(plots.save(plots.loss_contours(fits["approach3"], n, d, budgets),
                                 os.path.join(out_dir, "loss_contours.png")))
+    if "approach1" in fits and points is not None:
+        paths.append(plots.save(plots.envelope_curves(*points, fits["approach1"]), os.path.join(out_dir, "envelope.png")))
+    if side_by_side:
+        paths.append(plots.save(plots.prediction(side_by_side, measured), os.path.join(out_dir, "prediction.png")))
     return paths
 
 
@@ -258,8 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     left_out = [r["name"] for r in rows if r not in usable(rows)]
     if left_out:
         print(f"note: {len(left_out)} run(s) left out (no summary.json, unfinished or no val loss): {', '.join(left_out)}")
+    measured = None
     if args.predict_flops:
-        held_out = [r["name"] for r in usable(rows) if r not in below(rows, args.predict_flops)]
+        held_out = [r for r in usable(rows) if r not in below(rows, args.predict_flops)]
+        at_target = [r for r in held_out if r.get("budget") and abs(r["budget"] / args.predict_flops - 1) < 0.01]
+        if at_target:
+            measured = predict.measured_optimum(args.predict_flops, [r["n_params"] for r in at_target],
+                                                [r["final_val_loss"] for r in at_target])
+        held_out = [r["name"] for r in held_out]
         rows = below(rows, args.predict_flops)
         print(f"predicting C={args.predict_flops:.3g} from the {len(usable(rows))} rows below it"
               + (f"; held out: {', '.join(held_out)}" if held_out else ""))
@@ -278,9 +290,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{f' (90% intervals over {args.bootstrap} bootstrap resamples of the runs)' if args.bootstrap else ''}; "
               f"loss of approach 1 ({args.envelope_loss} loss) and 2 from L(C) power laws, of approach 3 from L(N, D):")
         print(predict.table(side_by_side))
+    if side_by_side and measured:
+        print(f"\nMeasured at C={measured.flops:.3g}: N_opt={measured.n_opt:.3g}, val loss {measured.loss:.4f} "
+              f"({measured.how}, held out of the fits above)")
+        print(predict.scored(side_by_side, measured))
     with open(os.path.join(out_dir, "fits.json"), "w") as f:
-        json.dump({**to_json(fits), "predictions": to_json({"p": side_by_side})["p"]}, f, indent=1)
-    for path in write_plots(fits, rows, os.path.join(out_dir, "plots")) if args.plots else ():
+        json.dump({**to_json(fits), "predictions": to_json({"p": side_by_side})["p"],
+                   "measured": to_json({"m": measured})["m"]}, f, indent=1)
+    points = curve_points(rows, args.envelope_loss, args.envelope_smooth)
+    plots_dir = os.path.join(out_dir, "plots")
+    for path in write_plots(fits, rows, plots_dir, points, side_by_side, measured) if args.plots else ():
         print(f"wrote {path}")
     return 0
 

@@ -338,3 +338,11 @@ def test_predict_flops_fits_below_the_budget_and_matches_a_hand_computation(tmp_
     for approach in ("approach 2", "approach 3"):
         lo, hi = got[approach]["intervals"]["a"]
         assert lo - 1e-9 <= a_true <= hi + 1e-9
+    # The held-out runs at C score the predictions: the minimum of a parabola in log N through them.
+    held_out = [r for r in planned if r["budget"] == target]
+    p2, p1, p0 = np.polyfit(np.log([r["n_params"] for r in held_out]),
+                            [true_loss(r["n_params"], r["tokens"]) for r in held_out], 2)
+    measured = json.load(open(tmp_path / "out" / "fits.json"))["measured"]
+    assert measured["n_opt"] == pytest.approx(np.exp(-p1 / (2 * p2)), rel=1e-9)
+    assert measured["loss"] == pytest.approx(p0 - p1 * p1 / (4 * p2), rel=1e-9)
+    assert f"| approach 3 | {got['approach 3']['n_opt']:.3g} | {measured['n_opt']:.3g} |" in out

@@ -125,3 +125,39 @@ def table(predictions: Sequence[Prediction]) -> str:
         lines.append(f"| {p.approach} | {cell(p, 'a', '.3f')} | {cell(p, 'b', '.3f')} | {cell(p, 'n_opt', '.3g')} | "
                      f"{cell(p, 'd_opt', '.3g')} | {p.d_opt / p.n_opt:.1f} | {cell(p, 'loss', '.4f')} |")
     return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """The compute-optimal model found by runs at the predicted budget: what a prediction is scored on."""
+
+    flops: float
+    n_opt: float
+    loss: float
+    how: str
+
+
+def measured_optimum(flops: float, n_params: Sequence[float], losses: Sequence[float]) -> Measured:
+    """The minimum of a parabola in log N through runs of one budget (approach 2's estimate of
+    N_opt), or the lowest-loss run when the parabola has no minimum inside the sizes run."""
+    n, loss = np.asarray(n_params, np.float64), np.asarray(losses, np.float64)
+    if n.size == 0:
+        raise ValueError(f"no runs at C={flops:.3g} to measure the optimum with")
+    best = int(np.argmin(loss))
+    if np.unique(n).size >= 3:
+        p = np.polyfit(np.log(n), loss, 2)
+        vertex = -p[1] / (2 * p[0]) if p[0] > 0 else np.nan
+        if np.log(n).min() <= vertex <= np.log(n).max():
+            return Measured(flops, float(np.exp(vertex)), float(np.polyval(p, vertex)),
+                            f"parabola in log N through {n.size} runs")
+    return Measured(flops, float(n[best]), float(loss[best]), f"the lowest-loss run of {n.size}")
+
+
+def scored(predictions: Sequence[Prediction], measured: Measured) -> str:
+    """Predicted vs measured N_opt and loss, per approach (markdown)."""
+    lines = [f"| approach | N_opt predicted | measured | predicted / measured | loss predicted | measured | error |",
+             "|---|---|---|---|---|---|---|"]
+    for p in predictions:
+        lines.append(f"| {p.approach} | {p.n_opt:.3g} | {measured.n_opt:.3g} | {p.n_opt / measured.n_opt:.2f} | "
+                     f"{p.loss:.4f} | {measured.loss:.4f} | {p.loss - measured.loss:+.4f} |")
+    return "\n".join(lines)
