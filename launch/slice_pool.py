@@ -14,7 +14,8 @@ next unfinished run off its pool's queue, trains it to a completed summary.json,
   before they become ACTIVE). A slice that stays queued past --active_timeout_s is deleted and its
   slot closes; its run goes back to the queue for the other slices, and runs left when every slot
   has closed fail (no capacity). Whatever happens, a run that did not complete is reported failed.
-- Every slice is deleted at the end, and on Ctrl-C (no slice is requested after it).
+- Every slice is deleted at the end, and on Ctrl-C (no slice is requested after it); one left up by
+  a launcher that was killed outright is replaced when its slot starts.
 
 The per-run steps (status, polling, commands) are the tpu-vm backend's (`launch.tpu_vm`).
 """
@@ -77,20 +78,24 @@ def _delete(pool: _Pool, node: str) -> None:
 
 
 def _bring_up(pool: _Pool, node: str) -> str:
-    """Request the slot's slice (or reuse one left up), wait until ACTIVE, install; returns the state."""
+    """Request the slot's slice, wait until ACTIVE, install; returns the state it ended in.
+
+    A slice of this name left up by an earlier launcher (killed before it could delete it) is deleted
+    first: a trainer may still run there, and a second one beside it would not get the chips. Its
+    run resumes from its checkpoint when a slice takes it.
+    """
     opts = pool.opts
     with pool.lock:  # Ctrl-C deletes what `live` holds: nothing may be requested after it
         if pool.stop.is_set():
             return UNKNOWN
         state = tpu_vm._state(opts, node)
-        if state in LOST:
-            if state != UNKNOWN:
-                tpu_vm._gcloud(tpu_vm.gcloud_argv("delete", opts, node))
-            print(f"slot {node}: requesting {pool.accelerator}", flush=True)
-            pool.live.add(node)
-            if tpu_vm._gcloud(tpu_vm.gcloud_argv("create", opts, node, accelerator=pool.accelerator)).returncode:
-                return "create failed"
+        if state != UNKNOWN:
+            print(f"slot {node}: left up ({state}) by an earlier launcher; replacing it", flush=True)
+            tpu_vm._gcloud(tpu_vm.gcloud_argv("delete", opts, node))
+        print(f"slot {node}: requesting {pool.accelerator}", flush=True)
         pool.live.add(node)
+        if tpu_vm._gcloud(tpu_vm.gcloud_argv("create", opts, node, accelerator=pool.accelerator)).returncode:
+            return "create failed"
     state = tpu_vm._wait_active(opts, node)
     if state != ACTIVE:
         return state

@@ -464,16 +464,20 @@ def test_slice_pool_requeues_a_preempted_run_which_resumes_and_completes_once(fa
     fake.assert_no_slice_left()
 
 
-def test_slice_pool_gives_runs_of_another_accelerator_type_their_own_pool(fake, pool_sweep):
+def test_slice_pool_gives_another_accelerator_type_its_own_pool_and_replaces_a_slice_left_up(fake, pool_sweep):
     path, sweep = pool_sweep((None, None, "v4-32", None, "v4-32"))
-    assert sweep_cli.main([f"--sweep={path}", *TPU_FLAGS, "--slices=1"]) == 0
     v5, v4 = slice_pool.node_name(sweep, "v5litepod-16", 0), slice_pool.node_name(sweep, "v4-32", 0)
+    # A launcher killed outright left the v5 slot's slice up, a trainer of another run still on it.
+    stray = {"workdir": "gs://my-bucket/sweeps/tiny/r3", "resumed": False, "polls": 0, "rc": None}
+    (fake.root / "state.json").write_text(json.dumps({"nodes": {v5: {"states": ["ACTIVE"], "training": stray}}}))
+    assert sweep_cli.main([f"--sweep={path}", *TPU_FLAGS, "--slices=1"]) == 0
+    assert slice_calls(fake, v5)[:2] == ["delete", "create"]  # replaced, not shared with the stray trainer
     assert sorted(fake.state()["created"]) == sorted([v5, v4])
     assert [k for k in slice_calls(fake, v4) if k.startswith("launch")] == ["launch r2", "launch r4"]
     assert [k for k in slice_calls(fake, v5) if k.startswith("launch")] == ["launch r0", "launch r1", "launch r3"]
     (create_v4,) = [c for c in fake.calls() if c[3:5] == ["create", v4]]
     assert "--accelerator-type=v4-32" in create_v4
-    fake.assert_no_slice_left()
+    assert fake.state()["nodes"] == {} and sorted(fake.state()["deleted"]) == sorted([v5, v5, v4])
 
 
 def test_slice_pool_deletes_every_slice_on_ctrl_c(fake, pool_sweep, monkeypatch, capsys):
