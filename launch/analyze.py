@@ -168,7 +168,7 @@ def report(fits: dict, budgets: list[float]) -> str:
     if "approach1" in fits:
         f1 = fits["approach1"]
         lines.append(f"Chinchilla approach 1: N_opt ~ C^{f1.n_law.exponent:.3f}, D_opt ~ C^{f1.d_law.exponent:.3f}, "
-                     f"L(C) = {f1.loss_law}  ({len(f1.flops)} compute bins with a winner, {f1.num_points} curve points)")
+                     f"frontier {f1.loss_law}  ({len(f1.flops)} compute bins with a winner, {f1.num_points} curve points)")
     if "approach2" in fits:
         f2 = fits["approach2"]
         lines.append(f"Chinchilla approach 2: N_opt ~ C^{f2.n_law.exponent:.3f}, D_opt ~ C^{f2.d_law.exponent:.3f}")
