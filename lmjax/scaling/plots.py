@@ -136,6 +136,7 @@ def envelope_curves(runs, n_params, n_tokens, losses, fit: EnvelopeFit):
            title="Training curves (colour: N) and their envelope")
     ax.legend(fontsize=8)
     ax_n.scatter(fit.flops, fit.n_opt, color="r", marker="*", s=80, label="winners' N")
+    xs = np.geomspace(fit.flops.min(), fit.flops.max(), 50)
     ax_n.plot(xs, fit.n_law(xs), color="C0", label=f"N_opt ~ C^{fit.n_law.exponent:.3f}")
     ax_n.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="N_opt", title="Approach 1")
     ax_n.legend(fontsize=8)
