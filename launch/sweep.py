@@ -5,7 +5,9 @@ command skips finished runs and resumes the rest. A trailing `collect` gathers t
 (the same as `python -m launch.collect --sweep_dir=DIR`).
 
 The sweep directory defaults to `runs/<sweep name>` (local) and `gs://<BUCKET>/sweeps/<sweep name>`
-(tpu-vm, where --sweep_dir must be given for a real launch). `sweep.json`, the list of runs with
+(tpu-vm, where --sweep_dir must be given for a real launch). With `--backend=tpu-vm --slices=K`, up to
+K slices per accelerator type stay up and take the runs in turn (`launch.slice_pool`) instead of one
+slice per run. `sweep.json`, the list of runs with
 their sizes, token counts and budgets, is written there for `collect` and `analyze` (for a tpu-vm
 sweep, by `collect`, which reads and writes gs:// directly given the `gcs` extra).
 """
@@ -31,6 +33,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--backend", default="local", help="local | tpu-vm")
     p.add_argument("--sweep_dir", default=None, help="where run workdirs go (gs:// for tpu-vm)")
     p.add_argument("--parallel", type=int, default=1, help="runs (or slices) at a time")
+    p.add_argument("--slices", type=int, default=0,
+                   help="tpu-vm: keep up to this many slices per accelerator type and feed each the next run "
+                        "(0: a slice per run, --parallel at a time)")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     g = p.add_argument_group("tpu-vm")
     g.add_argument("--project", default=os.environ.get("CLOUDSDK_CORE_PROJECT", "<PROJECT>"))
@@ -85,10 +90,19 @@ def main(argv: list[str] | None = None) -> int:
                                      runtime_version=args.runtime_version, spot=args.spot, sweep_dir=sweep_dir,
                                      repo_url=args.repo_url, poll_seconds=args.poll_seconds,
                                      active_timeout_s=args.active_timeout_s, max_attempts=args.max_attempts)
-            failed = tpu_vm.run_sweep(sweep, opts, args.parallel, args.dry_run, check=args.preflight)
+            if args.slices < 0:
+                raise ValueError(f"--slices must not be negative, got {args.slices}")
+            failed = tpu_vm.run_sweep(sweep, opts, args.parallel, args.dry_run, check=args.preflight,
+                                      slices=args.slices)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            if not args.slices:
+                raise
+            print("interrupted; every slice of the pool was deleted. Run the same command again to resume.",
+                  file=sys.stderr)
+            return 130
     if failed:
         print(f"{len(failed)} of {len(sweep.runs)} runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1

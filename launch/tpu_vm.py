@@ -337,10 +337,16 @@ def print_dry_run(sweep: Sweep, opts: TpuOptions) -> None:
 
 
 def run_sweep(sweep: Sweep, opts: TpuOptions, parallel: int = 1, dry_run: bool = False,
-              check: bool = False) -> list[str]:
-    """Every run on its own slice, `parallel` slices at a time; returns the names of failed runs."""
+              check: bool = False, slices: int = 0) -> list[str]:
+    """Every run on its own slice, `parallel` slices at a time, or with `slices` > 0 on pools of that
+    many long-lived slices (`launch.slice_pool`); returns the names of failed runs."""
+    from launch import slice_pool  # it builds on this module
+
     if dry_run:
-        print_dry_run(sweep, opts)
+        if slices:
+            slice_pool.print_plan(sweep, opts, slices)
+        else:
+            print_dry_run(sweep, opts)
         return []
     if opts.missing():
         raise ValueError("the tpu-vm backend needs " + ", ".join(f"--{m}" for m in opts.missing())
@@ -353,6 +359,8 @@ def run_sweep(sweep: Sweep, opts: TpuOptions, parallel: int = 1, dry_run: bool =
             failed.append(run.name)
         else:
             runs.append(run)
+    if slices:
+        return failed + slice_pool.run_sweep(sweep, opts, slices, runs)
     with ThreadPoolExecutor(max(1, parallel)) as pool:
         results = list(pool.map(lambda r: run_one(sweep, r, opts), runs))
     return failed + [r.name for r, ok in zip(runs, results) if not ok]

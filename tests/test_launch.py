@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import types
 
 import pytest
 
-from launch import collect, local, sweep as sweep_cli, tpu_vm
+from launch import collect, local, slice_pool, sweep as sweep_cli, tpu_vm
 from lmjax import config as config_lib
 from lmjax.scaling import sweeps
 
@@ -273,7 +274,8 @@ def test_runs_that_cannot_fit_their_budget_are_refused_with_the_run_name():
         sweeps.kaplan(base, sizes=[100], tokens=1e9)
 
 
-@pytest.mark.parametrize("path", [TINY, os.path.join(REPO, "configs", "sweeps", "cpu_isoflop.py")])
+@pytest.mark.parametrize("path", [TINY, os.path.join(REPO, "configs", "sweeps", "cpu_isoflop.py"),
+                                  os.path.join(REPO, "configs", "sweeps", "cpu_extrapolate.py")])
 def test_sweep_files_override_only_keys_the_base_config_has(path):
     sweep = sweeps.load_sweep(path)
     for run in sweep.runs:
@@ -288,6 +290,16 @@ def test_cpu_isoflop_sweep_is_three_budgets_of_four_or_five_sizes():
     budgets = sorted({r.budget for r in sweep.runs})
     assert len(budgets) == 3 and all(sum(r.budget == c for r in sweep.runs) in (4, 5) for c in budgets)
     assert all(abs(r.flops / r.budget - 1) < 0.02 for r in sweep.runs)
+
+
+def test_cpu_extrapolate_adds_three_sizes_at_ten_times_the_demos_largest_budget():
+    demo = sweeps.load_sweep(os.path.join(REPO, "configs", "sweeps", "cpu_isoflop.py"))
+    sweep = sweeps.load_sweep(os.path.join(REPO, "configs", "sweeps", "cpu_extrapolate.py"))
+    assert sweep.runs[:len(demo.runs)] == demo.runs and sweep.overrides == demo.overrides  # the same runs, resumable
+    extra = sweep.runs[len(demo.runs):]
+    assert [r.budget for r in extra] == [10 * max(r.budget for r in demo.runs)] * 3
+    assert [r.n_params for r in extra] == [334464, 544256, 803200]
+    assert all(abs(r.flops / r.budget - 1) < 0.01 and r.overrides["model.num_layers"] == 2 for r in extra)
 
 
 def test_local_dry_run_prints_one_main_command_per_run(capsys, tmp_path):
@@ -381,3 +393,115 @@ def test_tiny_local_sweep_runs_skips_when_rerun_and_collects(tmp_path):
     rows = list(csv.DictReader(open(os.path.join(sweep_dir, "results.csv"))))
     assert [r["status"] for r in rows] == ["finished", "finished"]
     assert all(float(r["final_val_loss"]) > 0 and int(r["steps"]) == 4 for r in rows)
+
+
+POOL_SWEEP = '''
+import dataclasses
+from lmjax.scaling import sweeps
+
+def get_sweep():
+    tiny = sweeps.load_sweep({tiny!r})
+    runs = [dataclasses.replace(tiny.runs[0], name=f"r{{i}}", accelerator={accelerators!r}[i]) for i in range(5)]
+    return sweeps.Sweep("tiny", tiny.base_config, runs, tiny.overrides)
+'''
+
+
+@pytest.fixture
+def pool_sweep(tmp_path):
+    """A sweep file of 5 tiny runs (r0..r4); `accelerators` gives each its slice type (None: the default)."""
+    def write(accelerators=(None,) * 5):
+        path = tmp_path / "pool_sweep.py"
+        path.write_text(POOL_SWEEP.format(tiny=TINY, accelerators=list(accelerators)))
+        return str(path), sweeps.load_sweep(str(path))
+    return write
+
+
+def slice_calls(fake, node):
+    """The life of one slice, as the kinds of gcloud calls that change it: create, install, launch <run>, delete."""
+    kinds = []
+    for c in fake.calls():
+        if node not in c:
+            continue
+        if c[3:4] in (["create"], ["delete"]):
+            kinds.append(c[3])
+        elif c[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and "pip install" in c[-1]:
+            kinds.append("install")
+        elif c[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and "lmjax.main" in c[-1]:
+            kinds.append("launch " + next(a for a in c[-1].split() if a.startswith("--workdir=")).rsplit("/", 1)[1])
+    return kinds
+
+
+def test_slice_pool_runs_five_runs_on_two_slices_created_and_deleted_once(fake, pool_sweep):
+    path, sweep = pool_sweep()
+    assert sweep_cli.main([f"--sweep={path}", *TPU_FLAGS, "--slices=2"]) == 0
+    nodes = [slice_pool.node_name(sweep, "v5litepod-16", i) for i in range(2)]
+    assert sorted(fake.state()["created"]) == sorted(nodes) and sorted(fake.state()["deleted"]) == sorted(nodes)
+    launched = []
+    for node in nodes:
+        life = slice_calls(fake, node)
+        assert life[:2] == ["create", "install"] and life[-1] == "delete" and len(life) >= 4
+        assert all(kind.startswith("launch ") for kind in life[2:-1])
+        launched += [kind.split()[1] for kind in life[2:-1]]
+    assert sorted(launched) == [f"r{i}" for i in range(5)]  # every run started once, on one of the two slices
+    for i in range(5):
+        assert fake.starts(f"r{i}") == [False] and fake.summary(f"r{i}")["completed"]
+    fake.assert_no_slice_left()
+
+
+def test_slice_pool_requeues_a_preempted_run_which_resumes_and_completes_once(fake, pool_sweep, monkeypatch, capsys):
+    path, sweep = pool_sweep()
+    preempted_node = slice_pool.node_name(sweep, "v5litepod-16", 0)
+    monkeypatch.setenv("FAKE_GCLOUD_PREEMPT", preempted_node)
+    assert sweep_cli.main([f"--sweep={path}", *TPU_FLAGS, "--slices=2"]) == 0
+    state = fake.state()
+    assert state["created"].count(preempted_node) == 2 and len(state["created"]) == 3  # one new slice, not one per run
+    (victim,) = [s["workdir"].rsplit("/", 1)[1] for s in state["starts"] if s["node"] == preempted_node][:1]
+    assert fake.starts(victim) == [False, True]  # the second start found the first one's checkpoint
+    assert f"{victim}: slice {preempted_node} lost; back in the queue" in capsys.readouterr().out
+    for i in range(5):  # no run lost, none trained twice to completion
+        assert fake.summary(f"r{i}")["completed"]
+        assert fake.starts(f"r{i}") == ([False, True] if f"r{i}" == victim else [False])
+    fake.assert_no_slice_left()
+
+
+def test_slice_pool_gives_another_accelerator_type_its_own_pool_and_replaces_a_slice_left_up(fake, pool_sweep):
+    path, sweep = pool_sweep((None, None, "v4-32", None, "v4-32"))
+    v5, v4 = slice_pool.node_name(sweep, "v5litepod-16", 0), slice_pool.node_name(sweep, "v4-32", 0)
+    # A launcher killed outright left the v5 slot's slice up, a trainer of another run still on it.
+    stray = {"workdir": "gs://my-bucket/sweeps/tiny/r3", "resumed": False, "polls": 0, "rc": None}
+    (fake.root / "state.json").write_text(json.dumps({"nodes": {v5: {"states": ["ACTIVE"], "training": stray}}}))
+    assert sweep_cli.main([f"--sweep={path}", *TPU_FLAGS, "--slices=1"]) == 0
+    assert slice_calls(fake, v5)[:2] == ["delete", "create"]  # replaced, not shared with the stray trainer
+    assert sorted(fake.state()["created"]) == sorted([v5, v4])
+    assert [k for k in slice_calls(fake, v4) if k.startswith("launch")] == ["launch r2", "launch r4"]
+    assert [k for k in slice_calls(fake, v5) if k.startswith("launch")] == ["launch r0", "launch r1", "launch r3"]
+    (create_v4,) = [c for c in fake.calls() if c[3:5] == ["create", v4]]
+    assert "--accelerator-type=v4-32" in create_v4
+    assert fake.state()["nodes"] == {} and sorted(fake.state()["deleted"]) == sorted([v5, v5, v4])
+
+
+def test_slice_pool_deletes_every_slice_on_ctrl_c(fake, pool_sweep, monkeypatch, capsys):
+    path, sweep = pool_sweep()
+
+    def interrupt_once_training(threads):
+        while '"starts": [\n  {' not in ((fake.root / "state.json").read_text() if (fake.root / "state.json").exists() else ""):
+            time.sleep(0.05)  # the text, not json: the fake may be halfway through writing it
+        raise KeyboardInterrupt
+    monkeypatch.setattr(slice_pool, "_wait", interrupt_once_training)
+    assert sweep_cli.main([f"--sweep={path}", *TPU_FLAGS, "--slices=2"]) == 130
+    assert "every slice of the pool was deleted" in capsys.readouterr().err
+    for _ in range(600):  # the slots see the stop and end (no slice requested after it), within a poll or two
+        if not [t for t in threading.enumerate() if t.name.startswith("slot ")]:
+            break
+        time.sleep(0.05)
+    state = fake.state()
+    assert state["created"] and state["nodes"] == {} and sorted(state["created"]) == sorted(state["deleted"])
+
+
+def test_slice_pool_dry_run_prints_the_plan_and_calls_nothing(fake, pool_sweep, capsys):
+    path, _ = pool_sweep((None, None, "v4-32", None, None))
+    assert sweep_cli.main([f"--sweep={path}", *TPU_FLAGS, "--slices=2", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert fake.calls() == []
+    assert "# pool v5litepod-16: 4 runs on 2 slice(s)" in out and "# pool v4-32: 1 runs on 1 slice(s)" in out
+    assert "# runs, in queue order: r0, r1, r3, r4" in out and out.count("queued-resources create") == 2

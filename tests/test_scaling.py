@@ -1,12 +1,13 @@
 """Scaling-law fits recover known laws from synthetic data; the shape rule and sweeps hit their targets."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 
 from lmjax import config as config_lib
-from lmjax.scaling import chinchilla, kaplan, shapes, sweeps
+from lmjax.scaling import chinchilla, envelope, kaplan, predict, shapes, sweeps
 
 # Hoffmann et al. (2022)'s fitted law, used as ground truth for synthetic sweeps.
 TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
@@ -188,6 +189,59 @@ def test_approach3_recovers_known_law_from_4500_starts():
     assert math.isclose(fit.tokens_per_param(c), d_opt / n_opt)
 
 
+def synthetic_curves(sizes, max_flops, points_per_curve=60, min_tokens=1e8):
+    """Training curves of every size up to `max_flops`, each point's loss given by the true law."""
+    n, d = [], []
+    for size in sizes:
+        tokens = np.geomspace(min_tokens, max_flops / (6 * size), points_per_curve)
+        n += [size] * len(tokens)
+        d += list(tokens)
+    n, d = np.array(n), np.array(d)
+    return n, d, true_loss(n, d)
+
+
+def test_approach1_recovers_known_exponents_from_training_curves():
+    n, d, loss = synthetic_curves(np.geomspace(1e7, 1e10, 31), 1e22)
+    fit = envelope.fit_envelope(n, d, loss)
+    a_true = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])  # 0.4516: the law's N_opt ~ C^a
+    assert abs(fit.n_law.exponent - a_true) < 0.01 and abs(fit.d_law.exponent - (1 - a_true)) < 0.01
+    assert len(fit.flops) >= 20 and np.allclose(fit.flops, 6 * fit.n_opt * fit.d_opt)
+    law = chinchilla.ParametricFit(**TRUE, objective=0.0, num_starts=0, fit_time_s=0.0)
+    for c in fit.flops[::5]:  # each winner is within one size step of the law's optimum, and as good
+        n_true, d_true = law.compute_optimal(c)
+        assert abs(np.log(predict.optimum(fit, c)[0] / n_true)) < 0.3
+        assert np.min(loss[np.isclose(6 * n * d, c)]) >= law.predict(n_true, d_true) - 1e-9
+
+
+def test_approach1_leaves_out_bins_won_by_the_smallest_or_largest_size():
+    """Sizes that all lie below the optimum (~5e6 at the smallest compute, 6e15): every bin is won by
+    the largest size, so there is no envelope."""
+    n, d, loss = synthetic_curves(np.geomspace(1e5, 1e6, 5), 1e20, min_tokens=1e10)
+    with pytest.raises(ValueError, match=r"approach 1: only 0 compute bins have a winner inside the sizes"):
+        envelope.fit_envelope(n, d, loss)
+    assert len(envelope.fit_envelope(n, d, loss, drop_edge_sizes=False).flops) > 3
+
+
+def test_bootstrap_intervals_of_every_approach_cover_the_truth_on_noisy_curves():
+    rng = np.random.default_rng(0)
+    sizes = np.geomspace(1e7, 1e10, 16)
+    n, d, loss = synthetic_curves(sizes, 1e22, 40)
+    loss = loss * np.exp(rng.normal(0, 0.003, loss.shape))
+    runs = np.repeat(np.arange(sizes.size), 40)
+
+    def fit(picked):
+        i = np.concatenate([np.flatnonzero(runs == k) for k in picked])
+        return envelope.fit_envelope(n[i], d[i], loss[i])
+    refits = predict.bootstrap_fits(fit, sizes.size, 40)
+    prediction = predict.predict("approach 1", envelope.fit_envelope(n, d, loss), 1e21, refits)
+    a_true = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
+    lo, hi = prediction.intervals["a"]
+    assert prediction.replicates >= 30 and lo <= a_true <= hi and hi - lo < 0.2
+    law = chinchilla.ParametricFit(**TRUE, objective=0.0, num_starts=0, fit_time_s=0.0)
+    lo, hi = prediction.intervals["n_opt"]
+    assert lo <= law.compute_optimal(1e21)[0] <= hi
+
+
 def test_approach3_needs_more_runs_than_parameters():
     with pytest.raises(ValueError, match="needs more than 5 runs"):
         chinchilla.fit_parametric([1e6, 2e6], [1e8, 1e8], [3.0, 2.9])
@@ -212,3 +266,83 @@ def test_scaling_laws_notebook_fits_and_plots_a_synthetic_sweep(tmp_path, monkey
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
     assert sorted(os.listdir(tmp_path / "sweep" / "plots")) == [
         "isoflop.png", "loss_contours.png", "loss_vs_compute.png", "optimal_allocation.png"]
+
+
+def write_synthetic_sweep(root, budgets, tokens_per_step=1e6, log_every=20):
+    """A sweep dir as the launcher and trainer leave it: sweep.json, and per run summary.json and
+    metrics.jsonl, every loss given by the true law. Per budget, five sizes around the law's optimum."""
+    law = chinchilla.ParametricFit(**TRUE, objective=0.0, num_starts=0, fit_time_s=0.0)
+    planned = []
+    for c in budgets:
+        for factor in (0.25, 0.5, 1.0, 2.0, 4.0):
+            n = float(np.round(law.compute_optimal(c)[0] * factor))
+            steps = int(round(c / (6 * n) / tokens_per_step))
+            d = steps * tokens_per_step
+            name = f"isoflop_C{c:.0e}_x{factor}"
+            planned.append({"name": name, "overrides": {}, "n_params": n, "tokens": d, "budget": c, "count": "total"})
+            (root / name).mkdir(parents=True)
+            curve = [{"step": s, "loss": float(true_loss(n, s * tokens_per_step))}
+                     for s in range(log_every, steps + 1, log_every)]
+            (root / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+            (root / name / "summary.json").write_text(json.dumps(
+                {"completed": True, "param_count": n, "non_embedding_params": n, "tokens_seen": d, "steps": steps,
+                 "final_val_loss": float(true_loss(n, d))}))
+    (root / "sweep.json").write_text(json.dumps({"name": "synthetic", "base_config": "x", "overrides": {},
+                                                 "runs": planned}))
+    return planned
+
+
+def test_predict_flops_fits_below_the_budget_and_matches_a_hand_computation(tmp_path, capsys, monkeypatch):
+    from launch import analyze
+
+    # 32 of the 4,500 starts (the full grid is tested above; here it would only cost time).
+    some_starts = chinchilla.initial_grid()[::140]
+    monkeypatch.setattr(chinchilla, "initial_grid", lambda: some_starts)
+    planned = write_synthetic_sweep(tmp_path / "sweep", (1e17, 3e17, 1e18, 1e19))
+    target = 1e19  # the runs of the 1e19 budget are held out: the prediction must not see them
+    assert analyze.main([f"--sweep_dir={tmp_path / 'sweep'}", f"--predict_flops={target}", "--envelope_smooth=1",
+                         "--isoflop_window=0", f"--out_dir={tmp_path / 'out'}", "--bootstrap=8", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "from the 15 rows below it; held out: isoflop_C1e+19_x0.25" in out and "| approach 3 |" in out
+    got = {p["approach"]: p for p in json.load(open(tmp_path / "out" / "fits.json"))["predictions"]}
+    assert set(got) == {"approach 1", "approach 2", "approach 3"}
+    # Approach 2 by hand: a parabola in log N per budget, lines in log-log space through the minima.
+    minima = []
+    for c in (1e17, 3e17, 1e18):
+        runs = [r for r in planned if r["budget"] == c]
+        log_n = np.log([r["n_params"] for r in runs])
+        p2, p1, p0 = np.polyfit(log_n, [true_loss(r["n_params"], r["tokens"]) for r in runs], 2)
+        minima.append((c, np.exp(-p1 / (2 * p2)), p0 - p1 * p1 / (4 * p2)))
+    c, n_min, loss_min = (np.array(v) for v in zip(*minima))
+    n_slope, n_icpt = np.polyfit(np.log(c), np.log(n_min), 1)
+    l_slope, l_icpt = np.polyfit(np.log(c), np.log(loss_min), 1)
+    n_hand = np.exp(n_icpt + n_slope * np.log(target))
+    assert got["approach 2"]["a"] == pytest.approx(n_slope, rel=1e-6)
+    assert got["approach 2"]["n_opt"] == pytest.approx(n_hand, rel=1e-6)
+    assert got["approach 2"]["d_opt"] == pytest.approx(target / (6 * n_hand), rel=1e-6)
+    assert got["approach 2"]["loss"] == pytest.approx(np.exp(l_icpt + l_slope * np.log(target)), rel=1e-6)
+    # Approach 3 by hand: the data follow the law exactly, so the fit is the law and its optimum is eq. 4's.
+    alpha, beta, A, B = TRUE["alpha"], TRUE["beta"], TRUE["A"], TRUE["B"]
+    g = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
+    n_opt = g * (target / 6) ** (beta / (alpha + beta))
+    d_opt = target / (6 * n_opt)
+    assert got["approach 3"]["n_opt"] == pytest.approx(n_opt, rel=0.02)
+    assert got["approach 3"]["d_opt"] == pytest.approx(d_opt, rel=0.02)
+    assert got["approach 3"]["loss"] == pytest.approx(true_loss(n_opt, d_opt), rel=1e-3)
+    # Approach 1 from the curves: near the law's optimum (its sizes are a factor 2 apart).
+    assert abs(np.log(got["approach 1"]["n_opt"] / n_opt)) < np.log(2)
+    a_true = beta / (alpha + beta)
+    for p in got.values():  # 90% intervals over the 8 bootstrap refits
+        assert p["replicates"] >= 2 and set(p["intervals"]) == {"a", "b", "n_opt", "d_opt", "loss"}
+        assert all(lo <= hi for lo, hi in p["intervals"].values())
+    for approach in ("approach 2", "approach 3"):
+        lo, hi = got[approach]["intervals"]["a"]
+        assert lo - 1e-9 <= a_true <= hi + 1e-9
+    # The held-out runs at C score the predictions: the minimum of a parabola in log N through them.
+    held_out = [r for r in planned if r["budget"] == target]
+    p2, p1, p0 = np.polyfit(np.log([r["n_params"] for r in held_out]),
+                            [true_loss(r["n_params"], r["tokens"]) for r in held_out], 2)
+    measured = json.load(open(tmp_path / "out" / "fits.json"))["measured"]
+    assert measured["n_opt"] == pytest.approx(np.exp(-p1 / (2 * p2)), rel=1e-9)
+    assert measured["loss"] == pytest.approx(p0 - p1 * p1 / (4 * p2), rel=1e-9)
+    assert f"| approach 3 | {got['approach 3']['n_opt']:.3g} | {measured['n_opt']:.3g} |" in out

@@ -130,6 +130,7 @@ class ParametricFit:
     num_starts: int
     fit_time_s: float  # the 4,500-start fit, compilation included, bootstrap excluded
     intervals: dict[str, tuple[float, float]] | None = None  # bootstrap (lo, hi) per parameter
+    replicates: np.ndarray | None = None  # [bootstrap, 5]: (E, A, B, alpha, beta) of each resample's fit
 
     def predict(self, n_params, n_tokens):
         """Loss of N parameters trained on D tokens (arrays broadcast)."""
@@ -205,11 +206,13 @@ def fit_parametric(n_params: Sequence[float], n_tokens: Sequence[float], losses:
     x, f = _solve(log_n, log_d, log_loss, starts, None, delta, iters)
     best = int(np.argmin(f))
     elapsed = time.perf_counter() - start
-    intervals = None
+    intervals = replicates = None
     if bootstrap:
-        intervals = _bootstrap(log_n, log_d, log_loss, x, f, bootstrap, seed, delta, iters)
+        replicates = _bootstrap(log_n, log_d, log_loss, x, f, bootstrap, seed, delta, iters)
+        lo, hi = np.percentile(replicates, [5, 95], axis=0)
+        intervals = {name: (float(l), float(h)) for name, l, h in zip(("E", "A", "B", "alpha", "beta"), lo, hi)}
     return ParametricFit(*_params(x[best]), objective=float(f[best]), num_starts=len(starts),
-                         fit_time_s=elapsed, intervals=intervals)
+                         fit_time_s=elapsed, intervals=intervals, replicates=replicates)
 
 
 def _params(x: np.ndarray) -> tuple[float, ...]:
@@ -218,7 +221,7 @@ def _params(x: np.ndarray) -> tuple[float, ...]:
 
 
 def _bootstrap(log_n, log_d, log_loss, x, f, replicates, seed, delta, iters):
-    """90% percentile intervals of (E, A, B, alpha, beta) over `replicates` resamples of the runs."""
+    """(E, A, B, alpha, beta) fitted to each of `replicates` resamples of the runs: [replicates, 5]."""
     order = np.argsort(f)
     candidates = [x[order[0]]]
     for i in order[1:]:
@@ -233,6 +236,4 @@ def _bootstrap(log_n, log_d, log_loss, x, f, replicates, seed, delta, iters):
     starts = np.tile(np.stack(candidates), (replicates, 1))
     xs, fs = _solve(log_n, log_d, log_loss, starts, np.repeat(counts, k, axis=0), delta, iters)
     best = xs.reshape(replicates, k, -1)[np.arange(replicates), np.argmin(fs.reshape(replicates, k), 1)]
-    values = np.array([_params(row) for row in best])
-    lo, hi = np.percentile(values, [5, 95], axis=0)
-    return {name: (float(l), float(h)) for name, l, h in zip(("E", "A", "B", "alpha", "beta"), lo, hi)}
+    return np.array([_params(row) for row in best])

@@ -1,4 +1,4 @@
-"""The four scaling-law figures.
+"""The scaling-law figures.
 
 Each function takes the fits from `kaplan` / `chinchilla` plus the raw points and returns a
 matplotlib Figure; `save` writes one as a PNG. Figures are built with `matplotlib.figure.Figure`,
@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lmjax.scaling.chinchilla import IsoFlopFit, ParametricFit
+from lmjax.scaling.envelope import EnvelopeFit
 from lmjax.scaling.kaplan import PowerLaw, frontier
 
 
@@ -116,6 +117,48 @@ def loss_contours(fit: ParametricFit, n_params, n_tokens, flops_lines=()):
     ax.set(xscale="log", yscale="log", xlim=(ns[0], ns[-1]), ylim=(ds[0], ds[-1]),
            xlabel="parameters N", ylabel="tokens D", title="L(N, D) = E + A/N^a + B/D^b")
     ax.legend(fontsize=8, loc="lower right")
+    return _finish(fig)
+
+
+def envelope_curves(runs, n_params, n_tokens, losses, fit: EnvelopeFit):
+    """Approach 1: every training curve against C = 6ND (coloured by N), the envelope's winners and
+    the L(C) law through them; and N_opt(C) of the winners with its power law."""
+    runs, n, d, loss = np.asarray(runs), *(np.asarray(v, np.float64) for v in (n_params, n_tokens, losses))
+    fig, (ax, ax_n) = _subplots(2, figsize=(11, 4.5))
+    colours = _budget_colours(np.unique(n))
+    for name in dict.fromkeys(runs):
+        pick = runs == name
+        ax.plot(6 * n[pick] * d[pick], loss[pick], color=colours[n[pick][0]], lw=1, alpha=0.8)
+    ax.scatter(fit.flops, fit.loss_opt, color="r", marker="*", s=80, zorder=3, label="envelope (bin winners)")
+    xs = np.geomspace(fit.flops.min(), fit.flops.max() * 3, 100)
+    ax.plot(xs, fit.loss_law(xs), "--", color="k", label=f"L(C) ~ C^-{fit.loss_law.exponent:.3f}")
+    ax.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="loss",
+           title="Training curves (colour: N) and their envelope")
+    ax.legend(fontsize=8)
+    ax_n.scatter(fit.flops, fit.n_opt, color="r", marker="*", s=80, label="winners' N")
+    xs = np.geomspace(fit.flops.min(), fit.flops.max(), 50)
+    ax_n.plot(xs, fit.n_law(xs), color="C0", label=f"N_opt ~ C^{fit.n_law.exponent:.3f}")
+    ax_n.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="N_opt", title="Approach 1")
+    ax_n.legend(fontsize=8)
+    return _finish(fig)
+
+
+def prediction(predictions, measured=None):
+    """Each approach's N_opt and loss at the predicted budget with their intervals, and the measured ones."""
+    fig, axes = _subplots(2, figsize=(10, 4))
+    names = [p.approach for p in predictions]
+    for ax, key, label in ((axes[0], "n_opt", "N_opt"), (axes[1], "loss", "loss")):
+        values = np.array([getattr(p, key) for p in predictions])
+        lo = np.array([p.intervals.get(key, (v, v))[0] for p, v in zip(predictions, values)])
+        hi = np.array([p.intervals.get(key, (v, v))[1] for p, v in zip(predictions, values)])
+        ax.vlines(range(len(names)), lo, hi, color="C0", lw=6, alpha=0.35, label="90% interval")  # need not hold the point
+        ax.scatter(range(len(names)), values, color="C0", zorder=3, label="predicted")
+        if measured is not None:
+            ax.axhline(getattr(measured, key), color="C3", ls="--", label=f"measured ({measured.how})")
+        ax.set_xticks(range(len(names)), names)
+        ax.set(ylabel=label, yscale="log" if key == "n_opt" else "linear", xlim=(-0.5, len(names) - 0.5),
+               title=f"{label} at C = {predictions[0].flops:.3g}")
+        ax.legend(fontsize=8)
     return _finish(fig)
 
 
