@@ -170,9 +170,10 @@ class Transformer(nn.Module):
             head_DxV = embedding_VxD.T
         else:
             head_DxV = self.param("head", init(("embed", "vocab")), (D, V), param_dtype)
+        x_BxLxD, head_DxV = nn.dtypes.promote_dtype(x_BxLxD, head_DxV, dtype=dtype)
         logits_BxLxV = jnp.einsum(
-            "bld,dv->blv", x_BxLxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32
-        )
+            "bld,dv->blv", x_BxLxD, head_DxV, preferred_element_type=jnp.float32
+        ).astype(jnp.float32)
         logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
         if cache is None:
             return logits_BxLxV
