@@ -205,6 +205,16 @@ def test_quantized_eval_and_generate_save_the_int8_weights_once(trained):
 
 
 @pytest.mark.slow
+def test_speculative_generate_with_the_run_as_its_own_draft(trained):
+    from lmjax.infer import sampling, speculative
+
+    _, workdir, config, _ = trained
+    texts, stats = speculative.generate_text(config, workdir, config, workdir, ["def "], 8, gamma=3, temperature=0.0)
+    assert texts == sampling.generate_text(config, workdir, ["def "], max_new_tokens=8, temperature=0.0)
+    assert stats.acceptance_rate == 1.0 and stats.passes == 2  # 7 tokens after the first, 4 per pass
+
+
+@pytest.mark.slow
 def test_greedy_generation_is_argmax_of_the_full_forward(trained):
     from lmjax import model
     from lmjax.train.workdir import Setup

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import FrozenConfigDict
 
+from lmjax.infer import sampling
 from lmjax.model import decoding
+from lmjax.train import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,3 +240,29 @@ def speculative_generate(
     totals = {k: int(np.asarray(v).sum()) for k, v in counts.items()}
     stats = SpeculativeStats(gamma=gamma, rows=len(prompts), new_tokens=max_new_tokens, **totals)
     return decoding.cut_at_eos(out_BxT, eos_id), stats
+
+
+def generate_text(
+    config, workdir: str, draft_config, draft_workdir: str, prompts: list[str], max_new_tokens: int, *,
+    gamma: int = 4, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+) -> tuple[list[str], SpeculativeStats]:
+    """The `--mode=generate --draft_workdir=...` job: continuations of `prompts` from the newest
+    checkpoint in `workdir`, drafted by the one in `draft_workdir` (trained with the same tokenizer)."""
+    runs = []
+    for run_config, run_dir in ((config, workdir), (draft_config, draft_workdir)):
+        workdir_lib.require_checkpoint(run_dir)
+        setup = workdir_lib.Setup(run_config, run_dir)
+        runs.append((setup, setup.restore(read_only=True).state.params))
+    (target, target_params), (draft, draft_params) = runs
+    tokenizer = target.tokenizer
+    probe = "def f(x):\n    return x"
+    if draft.tokenizer.vocab_size != tokenizer.vocab_size or draft.tokenizer.encode(probe) != tokenizer.encode(probe):
+        raise ValueError(f"the draft run {draft_workdir} uses another tokenizer than {workdir}: "
+                         "train the draft with the target's data.tokenizer settings")
+    new, stats = speculative_generate(
+        target.config.model, target_params, draft.config.model, draft_params,
+        [sampling.prompt_ids(tokenizer, p) for p in prompts], max_new_tokens, gamma=gamma,
+        temperature=temperature, top_k=top_k, top_p=top_p, rng=jax.random.key(seed),
+        eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
+    )
+    return [tokenizer.decode(tokens) for tokens in new], stats

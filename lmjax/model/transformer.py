@@ -170,6 +170,8 @@ class Transformer(nn.Module):
             head_DxV = embedding_VxD.T
         else:
             head_DxV = self.param("head", init(("embed", "vocab")), (D, V), param_dtype)
+        # promote_dtype, not astype, lets a quantized head through; its einsum (qwix) returns the
+        # compute dtype whatever preferred_element_type says, hence the final cast.
         x_BxLxD, head_DxV = nn.dtypes.promote_dtype(x_BxLxD, head_DxV, dtype=dtype)
         logits_BxLxV = jnp.einsum(
             "bld,dv->blv", x_BxLxD, head_DxV, preferred_element_type=jnp.float32
