@@ -7,12 +7,12 @@ alone. The quantization itself is lmjax.model.quantization (qwix).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from ml_collections import config_dict
 
 from lmjax import sharding
@@ -22,18 +22,20 @@ from lmjax.train import validation
 from lmjax.train import workdir as workdir_lib
 
 
-def quantized_dir(workdir: str, step: int, mode: str, group: int) -> str:
+def quantized_dir(workdir: str, step: int, mode: str, group: int) -> epath.Path:
+    """WORKDIR/quantized/MODE[_gGROUP]/STEP, absolute as orbax needs (gs:// paths pass through)."""
     suffix = "" if mode == "int8" else f"_g{group}"
-    return os.path.join(os.path.abspath(workdir), "quantized", f"{mode}{suffix}", str(step))
+    directory = epath.Path(workdir) / "quantized" / f"{mode}{suffix}" / str(step)
+    return directory if str(directory).startswith("gs://") else directory.resolve()
 
 
-def save(directory: str, qparams: Any) -> None:
+def save(directory: str | epath.Path, qparams: Any) -> None:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory, qparams)
     checkpointer.wait_until_finished()
 
 
-def restore(directory: str, model_cfg, mode: str, group: int = quant_lib.DEFAULT_GROUP) -> Any:
+def restore(directory: str | epath.Path, model_cfg, mode: str, group: int = quant_lib.DEFAULT_GROUP) -> Any:
     """Quantized params saved by `save`, restored onto the tree `quant_lib.quantize_params` makes."""
     abstract = nn.unbox(quant_lib.abstract_quantized_params(model_cfg, mode, group))
     return ocp.StandardCheckpointer().restore(directory, abstract)
@@ -43,7 +45,7 @@ def load_or_quantize(setup: workdir_lib.Setup, step: int, params: Any, mode: str
                      group: int = quant_lib.DEFAULT_GROUP) -> Any:
     """The quantized params of checkpoint `step`: read back if saved, else made from `params` and saved."""
     directory = quantized_dir(setup.workdir, step, mode, group)
-    if os.path.isdir(directory):
+    if directory.exists():
         return restore(directory, setup.config.model, mode, group)
     qparams = quant_lib.quantize_params(setup.config.model, params, mode, group)
     if jax.process_index() == 0:
