@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ml_collections import FrozenConfigDict
 
 from lmjax.infer import quantization as run_quant
 from lmjax.model import decoding
@@ -89,8 +90,8 @@ def test_quantized_decoding_runs_on_the_dequantized_weights_and_int8_stays_close
     exact = forward(cfg, params, tokens)
     relative = {}
     for mode, qparams in quantized.items():
-        qcfg = quant.with_quantization(cfg, mode, GROUP)
-        logits, _ = decoding.prefill(qcfg, qparams, decoding.init_cache(qcfg, 2, 12), tokens)
+        qcfg = FrozenConfigDict(quant.with_quantization(cfg, mode, GROUP))
+        logits, _ = jax.jit(decoding.prefill, static_argnums=0)(qcfg, qparams, decoding.init_cache(qcfg, 2, 12), tokens)
         dequantized = quant.dequantize_params(qparams)
         np.testing.assert_allclose(logits, forward(cfg, dequantized, tokens), atol=1e-4, rtol=1e-4)
         moved = [float_leaf(params, p) - float_leaf(dequantized, p) for p in quant.weight_leaves(qparams)]

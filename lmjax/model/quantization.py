@@ -73,8 +73,11 @@ def abstract_quantized_params(cfg, mode: str, group: int = DEFAULT_GROUP):
 
 
 def quantize_params(cfg, params, mode: str, group: int = DEFAULT_GROUP):
-    """Float params -> the tree `quantized_transformer(cfg, mode)` applies (qwix QArrays for weights)."""
-    return _qwix().quantize_params(nn.unbox(params), abstract_quantized_params(cfg, mode, group))
+    """Float params -> the tree `quantized_transformer(cfg, mode)` applies (qwix QArrays for weights).
+
+    Jitted: one compiled program instead of a dispatch (and a compile) per weight and op."""
+    qwix, abstract = _qwix(), abstract_quantized_params(cfg, mode, group)
+    return jax.jit(lambda p: qwix.quantize_params(p, abstract))(nn.unbox(params))
 
 
 def with_quantization(cfg, mode: str, group: int = DEFAULT_GROUP):
