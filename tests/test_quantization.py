@@ -137,4 +137,6 @@ def test_bad_mode_is_named(model):
     cfg, params = model
     with pytest.raises(ValueError, match="quantize='int3'"):
         quant.quantize_params(cfg, params, "int3")
+    with pytest.raises(ValueError, match="scan_layers"):
+        quant.quantize_params(tiny_cfg(scan_layers=True), params, "int8")
     assert math.gcd(GROUP, cfg.embed_dim, 4 * cfg.embed_dim) == GROUP

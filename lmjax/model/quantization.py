@@ -1,7 +1,8 @@
 """Weight-only post-training quantization of the transformer's matmul weights, through qwix.
 
-Decoding reads every weight once per generated token, so memory traffic, not arithmetic, bounds it:
-int8 weights are a quarter of float32's bytes, int4 an eighth. Activations stay in the compute dtype.
+Decoding reads every weight once per generated token, so memory traffic bounds a large model's decode
+step: int8 weights are a quarter of float32's bytes, int4 an eighth. Activations stay in the compute
+dtype.
 
   int8  one float32 scale per output channel (symmetric absmax)
   int4  one scale per output channel and per group of `group` consecutive input features (the
@@ -49,6 +50,9 @@ def rules(cfg, mode: str, group: int = DEFAULT_GROUP) -> list:
     """qwix rules for `mode`. An int4 group that does not divide a contraction axis (D or F) shrinks
     to the largest size that divides both."""
     check_mode(mode)
+    if cfg.scan_layers:
+        raise ValueError("quantization: config.model.scan_layers=True is not supported (qwix's scales do not "
+                         "follow nn.scan's stacked layer axis); quantize the unscanned model")
     qwix = _qwix()
     qtype = QTYPES[mode]
     ops = ("dot_general",) if cfg.tie_embeddings else ("dot_general", "einsum")
