@@ -33,7 +33,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-                 "starlette>=0.40", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20"],
+                 "starlette>=0.40", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20", "qwix>=0.1.8"],
+        # Weight-only int8 / int4 quantization (--quantize): Google's qwix.
+        "quant": ["qwix>=0.1.8"],
         "notebooks": ["jupyter", "ipykernel>=6.29", "nbformat>=5.10"],
         # Compile-only TPU devices on any machine (lmjax.aot), and running on TPU VMs.
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],

@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lmjax import cli
-from lmjax.infer import sampling
+from lmjax.infer import quantization, sampling, speculative
 from lmjax.train import trainer, validation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset file, e.g. configs/gpt_small.py.", lock_config=True)
@@ -27,6 +27,12 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "generate: softmax tempera
 _TOP_K = flags.DEFINE_integer("top_k", 0, "generate: sample among the k likeliest tokens; 0 is all.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass; 1.0 is off.")
 _SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed (same seed, same output).")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4"],
+                              "eval, generate: weight-only quantization of the checkpoint (qwix).")
+_DRAFT_CONFIG = config_flags.DEFINE_config_file(
+    "draft_config", None, "generate: the draft model's preset, for speculative decoding.", lock_config=True)
+_DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "generate: the draft model's run (same tokenizer).")
+_GAMMA = flags.DEFINE_integer("gamma", 4, "generate with a draft: tokens the draft proposes per target pass.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,17 +51,37 @@ def _run() -> None:
     if _MODE.value == "train":
         trainer.train(config, workdir)
     elif _MODE.value == "eval":
-        result = validation.evaluate(config, workdir)
+        if _QUANTIZE.value == "none":
+            result = validation.evaluate(config, workdir)
+        else:
+            result = quantization.evaluate(config, workdir, _QUANTIZE.value)
         print(f"step {result['step']}: val loss {result['val_loss']:.4f} | val ppl {result['val_ppl']:.2f} "
               f"| {result['val_bpb']:.4f} bits/byte | {result['val_tokens']:,} tokens")
-    else:
+    elif _DRAFT_WORKDIR.value:  # generate, speculatively
+        if _DRAFT_CONFIG.value is None or _QUANTIZE.value != "none":
+            raise ValueError("--draft_workdir needs --draft_config, and runs float weights (no --quantize)")
+        prompts = _prompts()
+        texts, stats = speculative.generate_text(
+            config, workdir, _DRAFT_CONFIG.value, _DRAFT_WORKDIR.value, prompts, _MAX_NEW_TOKENS.value,
+            gamma=_GAMMA.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+            seed=_SEED.value,
+        )
+        _print_texts(prompts, texts)
+        print(f"speculative decoding, gamma {stats.gamma}: acceptance {stats.acceptance_rate:.3f}, "
+              f"{stats.tokens_per_pass:.2f} tokens per target pass (expected {stats.expected_tokens_per_pass:.2f}), "
+              f"{stats.target_forwards_per_token:.3f} target forwards per token")
+    else:  # generate
         prompts = _prompts()
         texts = sampling.generate_text(
             config, workdir, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-            top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+            top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value, quantize=_QUANTIZE.value,
         )
-        for prompt, text in zip(prompts, texts):
-            print(f"{prompt}{text}\n{'=' * 40}")
+        _print_texts(prompts, texts)
+
+
+def _print_texts(prompts: list[str], texts: list[str]) -> None:
+    for prompt, text in zip(prompts, texts):
+        print(f"{prompt}{text}\n{'=' * 40}")
 
 
 def main(argv: list[str]) -> None:

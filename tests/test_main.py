@@ -187,6 +187,34 @@ def test_generate_with_a_fixed_seed_is_reproducible(trained):
 
 
 @pytest.mark.slow
+def test_quantized_eval_and_generate_save_the_int8_weights_once(trained):
+    from lmjax.infer import sampling
+
+    preset, workdir, config, _ = trained
+    result = run_main(f"--config={preset}", f"--workdir={workdir}", "--mode=eval", "--quantize=int8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reported = float(result.stdout.split("val loss")[1].split()[0])
+    final = json.load(open(os.path.join(workdir, "summary.json")))["final_val_loss"]
+    assert reported == pytest.approx(final, rel=0.02) and reported != final
+    saved = os.path.join(workdir, "quantized", "int8", str(STEPS))
+    assert os.path.isdir(saved)
+    mtime = os.path.getmtime(saved)
+    args = dict(max_new_tokens=8, temperature=0.0)
+    texts = sampling.generate_text(config, workdir, ["def "], quantize="int8", **args)
+    assert len(texts) == 1 and os.path.getmtime(saved) == mtime  # read back, not quantized again
+
+
+@pytest.mark.slow
+def test_speculative_generate_with_the_run_as_its_own_draft(trained):
+    from lmjax.infer import sampling, speculative
+
+    _, workdir, config, _ = trained
+    texts, stats = speculative.generate_text(config, workdir, config, workdir, ["def "], 8, gamma=3, temperature=0.0)
+    assert texts == sampling.generate_text(config, workdir, ["def "], max_new_tokens=8, temperature=0.0)
+    assert stats.acceptance_rate == 1.0 and stats.passes == 2  # 7 tokens after the first, 4 per pass
+
+
+@pytest.mark.slow
 def test_greedy_generation_is_argmax_of_the_full_forward(trained):
     from lmjax import model
     from lmjax.train.workdir import Setup

@@ -2,6 +2,9 @@
 
   sampling.py   prompts -> continuations through the model's KV-cache decoder (`lmjax.model.decoding`),
                 and the `--mode=generate` job on a workdir
+  speculative.py  a draft model proposes, the target verifies several tokens per pass (same distribution)
+  quantization.py a run's weights in int8 / int4 (lmjax.model.quantization), saved with it, for
+                  generate and eval (`--quantize`)
 """
 
 from lmjax.infer.sampling import generate_text, sample_texts

@@ -8,7 +8,7 @@ import jax
 from ml_collections import config_dict
 
 from lmjax import data, model
-from lmjax.train import workdir as workdir_lib
+from lmjax.infer import quantization
 
 
 def prompt_ids(tokenizer: data.Tokenizer, prompt: str) -> list[int]:
@@ -29,21 +29,24 @@ def sample_texts(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    model_config: config_dict.ConfigDict | None = None,
 ) -> list[str]:
     """Continuations of `prompts` (the new text only); temperature 0 is greedy, the same seed gives
-    the same text."""
+    the same text. `model_config` (default config.model) may run quantized params
+    (lmjax.model.quantization.with_quantization)."""
+    model_config = config.model if model_config is None else model_config
     new = model.generate(
-        config.model, params, [prompt_ids(tokenizer, p) for p in prompts], max_new_tokens,
+        model_config, params, [prompt_ids(tokenizer, p) for p in prompts], max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, rng=jax.random.key(seed),
         eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
     )
     return [tokenizer.decode(tokens) for tokens in new]
 
 
-def generate_text(config: config_dict.ConfigDict, workdir: str, prompts: Sequence[str], **sampling: Any) -> list[str]:
-    """The `--mode=generate` job: continuations of `prompts` from the newest checkpoint in `workdir`
-    (`sampling`: the keyword arguments of `sample_texts`)."""
-    workdir_lib.require_checkpoint(workdir)
-    setup = workdir_lib.Setup(config, workdir)
-    restored = setup.restore(read_only=True)
-    return sample_texts(setup.config, restored.state.params, setup.tokenizer, prompts, **sampling)
+def generate_text(config: config_dict.ConfigDict, workdir: str, prompts: Sequence[str], quantize: str = "none",
+                  **sampling: Any) -> list[str]:
+    """The `--mode=generate` job: continuations of `prompts` from the newest checkpoint in `workdir`,
+    its weights quantized to `quantize` (none | int8 | int4); `sampling`: the keyword arguments of
+    `sample_texts`."""
+    setup, _, params, model_config = quantization.restore_run(config, workdir, quantize)
+    return sample_texts(setup.config, params, setup.tokenizer, prompts, model_config=model_config, **sampling)

@@ -57,7 +57,9 @@ class Projection(nn.Module):
         kernel = self.param("kernel", init, self.in_shape + self.out_shape, self.param_dtype)
         n = len(self.in_shape)
         contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-        y = self.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        # promote_dtype rather than astype: a quantized kernel (qwix) passes through it unchanged.
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        y = self.dot_general(x, kernel, (contract, ((), ())))
         if self.use_bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[n:])
             y = y + self.param("bias", bias_init, self.out_shape, self.param_dtype).astype(self.dtype)

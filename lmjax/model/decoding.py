@@ -19,7 +19,7 @@ import numpy as np
 from ml_collections import FrozenConfigDict
 
 from lmjax.model.attention import head_dim
-from lmjax.model.transformer import Transformer
+from lmjax.model import quantization
 
 
 def init_cache(cfg, batch_size: int, length: int | None = None, dtype=None, per_row_index: bool = False) -> dict:
@@ -47,7 +47,7 @@ def prefill(cfg, params, cache: dict, tokens_BxL, positions_BxL=None, segment_id
 
     Returns (float32 logits [B, L, V], cache). segment_ids 0 marks padding; default all 1.
     """
-    return Transformer(cfg).apply(
+    return quantization.model_for(cfg).apply(
         {"params": nn.unbox(params)}, tokens_BxL, positions_BxL, segment_ids_BxL, cache=cache
     )
 
@@ -58,10 +58,11 @@ def decode_step(cfg, params, cache: dict, tokens_B, positions_B):
     return logits_Bx1xV[:, 0], cache
 
 
-def sample(logits_BxV, rng, temperature, top_k: int = 0, top_p: float = 1.0, greedy: bool = False):
-    """Next tokens [B] from float32 logits: argmax when greedy, else temperature, top-k, nucleus."""
-    if greedy:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+def warp_logits(logits_BxV, temperature, top_k: int = 0, top_p: float = 1.0):
+    """Logits of the distribution `sample` draws from: scaled by temperature, then top-k, nucleus.
+
+    Separate from `sample` because speculative decoding needs the probabilities themselves.
+    """
     logits_BxV = logits_BxV / temperature
     if top_k > 0:
         kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
@@ -73,6 +74,14 @@ def sample(logits_BxV, rng, temperature, top_k: int = 0, top_p: float = 1.0, gre
         # The smallest logit still inside the nucleus (the top token is always kept).
         cutoff_Bx1 = jnp.min(jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
         logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+    return logits_BxV
+
+
+def sample(logits_BxV, rng, temperature, top_k: int = 0, top_p: float = 1.0, greedy: bool = False):
+    """Next tokens [B] from float32 logits: argmax when greedy, else temperature, top-k, nucleus."""
+    if greedy:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = warp_logits(logits_BxV, temperature, top_k, top_p)
     return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
@@ -117,22 +126,8 @@ def generate(
     is then cut before its first eos_id. Prompts are left-padded to the longest, or to
     `min_prompt_len` if longer: callers that round it up to a few sizes compile a few programs.
     """
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
-    lengths = [len(p) for p in prompts]
-    B, P = len(prompts), max(max(lengths), min_prompt_len)
-    if cfg.position == "learned" and max(lengths) + max_new_tokens > cfg.max_len:
-        raise ValueError(
-            f"prompt length {max(lengths)} + max_new_tokens {max_new_tokens} exceeds "
-            f"config.model.max_len={cfg.max_len}, the size of the learned position table"
-        )
-    tokens = np.zeros((B, P), np.int32)
-    positions = np.zeros((B, P), np.int32)
-    segment_ids = np.zeros((B, P), np.int32)
-    for row, prompt in enumerate(prompts):
-        tokens[row, P - len(prompt) :] = prompt
-        positions[row, P - len(prompt) :] = np.arange(len(prompt))
-        segment_ids[row, P - len(prompt) :] = 1
+    check_prompts(cfg, prompts, max_new_tokens)
+    tokens, positions, segment_ids = left_pad(prompts, min_prompt_len)
     greedy = temperature == 0
     out_BxT = _generate(
         FrozenConfigDict(cfg),
@@ -147,8 +142,37 @@ def generate(
         top_p=float(top_p),
         greedy=greedy,
     )
+    return cut_at_eos(out_BxT, eos_id)
+
+
+def check_prompts(cfg, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuses an empty prompt, and a continuation past the end of a learned position table."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+    P = max(len(p) for p in prompts)
+    if cfg.position == "learned" and P + max_new_tokens > cfg.max_len:
+        raise ValueError(
+            f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds "
+            f"config.model.max_len={cfg.max_len}, the size of the learned position table"
+        )
+
+
+def left_pad(prompts: list[list[int]], min_len: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tokens, positions, segment_ids [B, P] of prompts left-padded to the longest (or to `min_len`):
+    each row's last token in the same slot, positions from 0, padding in segment 0."""
+    B, P = len(prompts), max(max(len(p) for p in prompts), min_len)
+    tokens, positions, segment_ids = (np.zeros((B, P), np.int32) for _ in range(3))
+    for row, prompt in enumerate(prompts):
+        tokens[row, P - len(prompt) :] = prompt
+        positions[row, P - len(prompt) :] = np.arange(len(prompt))
+        segment_ids[row, P - len(prompt) :] = 1
+    return tokens, positions, segment_ids
+
+
+def cut_at_eos(tokens_BxT, eos_id: int | None) -> list[list[int]]:
+    """Each row as a list, cut before its first eos_id."""
     result = []
-    for row in np.asarray(out_BxT).tolist():
+    for row in np.asarray(tokens_BxT).tolist():
         if eos_id is not None and eos_id in row:
             row = row[: row.index(eos_id)]
         result.append(row)

@@ -167,9 +167,12 @@ class Transformer(nn.Module):
             head_DxV = embedding_VxD.T
         else:
             head_DxV = self.param("head", init(("embed", "vocab")), (D, V), param_dtype)
+        # promote_dtype, not astype, lets a quantized head through; its einsum (qwix) returns the
+        # compute dtype whatever preferred_element_type says, hence the final cast.
+        x_BxLxD, head_DxV = nn.dtypes.promote_dtype(x_BxLxD, head_DxV, dtype=dtype)
         logits_BxLxV = jnp.einsum(
-            "bld,dv->blv", x_BxLxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32
-        )
+            "bld,dv->blv", x_BxLxD, head_DxV, preferred_element_type=jnp.float32
+        ).astype(jnp.float32)
         logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
         if cache is None:
             return logits_BxLxV
