@@ -1,0 +1,145 @@
+"""Post-training end to end on 8 fake CPU devices, for tests/test_posttrain.py (run in a subprocess
+because the device count must be fixed before JAX is imported); prints JSON.
+
+  trainer   DPO through `lmjax.posttrain.trainer` from a checkpoint on a data=8 mesh: 4 steps
+            (checkpoints at 2 and 4), then step 4 deleted and the run resumed from step 2.
+  steps     two DPO train steps on one device and on a data=2 x fsdp=4 mesh.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lmjax import config as config_lib  # noqa: E402
+from lmjax import sharding  # noqa: E402
+from lmjax.config import default_config  # noqa: E402
+from lmjax.data.tokenizers import ByteTokenizer  # noqa: E402
+from lmjax.model import Transformer  # noqa: E402
+from lmjax.posttrain import batches, chat, losses, synthetic, trainer  # noqa: E402
+from lmjax.posttrain import config as pt_config  # noqa: E402
+from lmjax.posttrain.reward_model import RewardModel  # noqa: E402
+from lmjax.train import checkpointing, metrics  # noqa: E402
+from lmjax.train import step as step_lib  # noqa: E402
+from lmjax.train.workdir import Setup  # noqa: E402
+
+SEQ_LEN = 24
+
+
+def tiny_lm_config():
+    c = default_config()
+    c.model.update(num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=2, max_len=32)
+    c.data.update(tokenizer="byte", seq_len=SEQ_LEN)
+    c.train.update(batch_size=8, steps=4)
+    c.optim.update(warmup_steps=0, schedule="constant", lr=1e-3)
+    return c
+
+
+def make_init_checkpoint(directory):
+    """A "pretrained" model: a freshly initialised checkpoint (the mechanics need no trained one)
+    whose 259-row byte vocabulary the post-training run grows to 263."""
+    setup = Setup(tiny_lm_config(), directory)
+    state, _ = step_lib.create_train_state(setup.config, setup.model, setup.mesh)
+    manager = checkpointing.make_manager(directory, setup.config.checkpoint)
+    checkpointing.save(manager, 1, state, data_state={}, config=config_lib.to_json(setup.config))
+    manager.wait_until_finished()
+    manager.close()
+
+
+def dpo_config(files):
+    c = pt_config.default_config("dpo")
+    c.posttrain.update(train_file=files["pairs_train"], eval_file=files["pairs_eval"])
+    c.data.seq_len = SEQ_LEN
+    c.train.update(steps=4, batch_size=8, log_every=1)
+    c.optim.update(warmup_steps=0, schedule="constant", lr=1e-3)
+    c.checkpoint.every_steps = 2
+    c.eval.update(every_steps=100, num_samples=0)
+    return c
+
+
+def trainer_run(root):
+    init, workdir = os.path.join(root, "init"), os.path.join(root, "dpo")
+    make_init_checkpoint(init)
+    files = synthetic.write_all(os.path.join(root, "data"), train=32, evaluation=12)
+    trainer.train("dpo", dpo_config(files), init, workdir)
+    first = metrics.read_metrics(workdir)
+    saved = checkpointing.committed_steps(workdir)
+    manager = checkpointing.make_manager(workdir, default_config().checkpoint)
+    manager.delete(4)  # as if killed after step 2's checkpoint
+    manager.close()
+    trainer.train("dpo", dpo_config(files), init, workdir)
+    return {"first": first, "resumed": metrics.read_metrics(workdir), "saved_steps": saved,
+            "devices": len(jax.devices()), "init": init, "files": files, "workdir": workdir}
+
+
+def other_model_error(run):
+    """The DPO workdir resumed with --init_from pointing at a model of another width."""
+    other = tiny_lm_config()
+    other.model.embed_dim = 64
+    directory = os.path.join(os.path.dirname(run["init"]), "other")
+    setup = Setup(other, directory)
+    abstract = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), setup.abstract_state)
+    manager = checkpointing.make_manager(directory, setup.config.checkpoint)
+    checkpointing.save(manager, 1, abstract, data_state={}, config=config_lib.to_json(setup.config))
+    manager.wait_until_finished()
+    manager.close()
+    try:
+        trainer.train("dpo", dpo_config(run["files"]), directory, run["workdir"])
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def step_runs():
+    """Two DPO train steps on 1 device and on data=2 x fsdp=4 (the reward model's step is the same
+    step_lib.make_train_step with another loss)."""
+    template = chat.ChatTemplate(ByteTokenizer())
+    pairs = [{**p, "prompt": chat.conversation(p["prompt"])} for p in synthetic.preference_pairs(16, seed=5)]
+    rows = batches.pair_rows(template, pairs, SEQ_LEN, pad_id=256)
+    out = {}
+    for mode in ("dpo",):
+        c = pt_config.default_config(mode)
+        c.model.update(num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=2, max_len=32, vocab_size=263)
+        c.data.seq_len = SEQ_LEN
+        c.train.update(steps=2, batch_size=8)
+        c.optim.update(warmup_steps=0, schedule="constant", lr=1e-3)
+        model = RewardModel(c.model) if mode == "reward" else Transformer(c.model)
+        loss_fn = (losses.reward_loss_sums_fn if mode == "reward" else losses.dpo_loss_sums_fn)(c, model)
+        start, results = None, {}
+        for name, sizes in (("single", dict(data=1, fsdp=1, tensor=1)), ("data2_fsdp4", dict(data=2, fsdp=4, tensor=1))):
+            c.mesh.update(sizes)
+            mesh = sharding.make_mesh(c.mesh, jax.devices()[: sizes["data"] * sizes["fsdp"]])
+            _, shardings = step_lib.abstract_train_state(c, model, mesh)
+            if start is None:
+                state, _ = step_lib.create_train_state(c, model, mesh)
+                start = jax.device_get(state)
+                if mode == "dpo":
+                    ref = jax.jit(losses.pair_logps_fn(model))(state.params, rows, jax.random.PRNGKey(0))
+                    rows["ref_logps"] = np.asarray(ref)
+            state = jax.device_put(start, shardings)
+            step = step_lib.make_train_step(c, model, mesh, shardings, loss_fn)
+            record = []
+            for i in range(2):
+                part = {k: v[i * 8:(i + 1) * 8] for k, v in rows.items()}
+                state, m = step(state, sharding.shard_batch(part, mesh, sharding.rules(c.mesh)))
+                record.append({k: float(m[k]) for k in ("loss", "accuracy", "reward_margin", "grad_norm")})
+            params = jax.device_get(state.params)
+            embedding = state.params["transformer"]["embedding"] if mode == "reward" else state.params["embedding"]
+            results[name] = {"metrics": record, "params": params,
+                             "embedding_shard": list(embedding.addressable_shards[0].data.shape)}
+        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
+            jax.tree.leaves(results["single"].pop("params")), jax.tree.leaves(results["data2_fsdp4"].pop("params"))))
+        out[mode] = {**results, "max_param_diff": diff}
+    return out
+
+
+if __name__ == "__main__":
+    run = trainer_run(sys.argv[1])
+    result = {"trainer": {k: run[k] for k in ("first", "resumed", "saved_steps", "devices")},
+              "other_model_error": other_model_error(run), "steps": step_runs()}
+    print("JSON:" + json.dumps(result))
