@@ -20,6 +20,7 @@ from lmjax.config import default_config
 from lmjax.data.tokenizers import ByteTokenizer
 from lmjax.model import Transformer
 from lmjax.posttrain import batches, chat, dataset, losses
+from lmjax.posttrain import init as init_lib
 from lmjax.posttrain import config as pt_config
 from lmjax.posttrain.reward_model import RewardModel
 from lmjax.train import step as step_lib
@@ -265,3 +266,37 @@ def test_dpo_step_on_8_devices_matches_one(check):
     assert single["metrics"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert check["steps"]["dpo"]["max_param_diff"] < 1e-5
     assert single["embedding_shard"] == [263, 32] and sharded["embedding_shard"] == [263, 8]  # embed over fsdp=4
+
+
+# --- starting a run ---------------------------------------------------------------------------------
+
+
+def test_grown_vocabulary_rows_start_at_the_mean_row():
+    embedding = np.arange(12, dtype=np.float32).reshape(3, 4)
+    head = embedding.T.copy()
+    grown = init_lib.grow_vocab({"embedding": embedding, "head": head, "block_0": {"embedding": embedding}}, 5)
+    np.testing.assert_array_equal(grown["embedding"][:3], embedding)
+    np.testing.assert_array_equal(grown["embedding"][3:], [[4, 5, 6, 7]] * 2)
+    np.testing.assert_array_equal(grown["head"], grown["embedding"].T)
+    assert grown["block_0"]["embedding"].shape == (3, 4)  # only the top-level tables are vocabularies
+
+
+def test_bad_posttrain_keys_are_named():
+    c = pt_config.default_config("dpo")
+    c.dpo.loss = "hinge"
+    with pytest.raises(ValueError, match=r"config.dpo.loss='hinge' is not valid; choose one of: sigmoid, ipo"):
+        pt_config.check(c, "dpo")
+    with pytest.raises(ValueError, match=r"--mode='ppo'"):
+        pt_config.check(pt_config.default_config("sft"), "ppo")
+
+
+def test_command_line_names_a_missing_init_checkpoint(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmjax.posttrain", "--mode=sft", "--config=configs/posttrain/sft.py",
+         f"--init_from={tmp_path}/nothing", f"--workdir={tmp_path}/sft"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert f"error: --init_from={tmp_path}/nothing: no checkpoint in {tmp_path}/nothing/checkpoints" in proc.stderr
+    assert not os.path.exists(f"{tmp_path}/sft")

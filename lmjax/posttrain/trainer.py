@@ -106,6 +106,7 @@ class PosttrainRun:
             state = (reference if self.mode == "dpo" else
                      init_lib.initial_state(config, setup.model, setup.mesh, setup.state_shardings, pretrained, subtree))
             step, previous_wall = 0, 0.0
+        self.state = state
         if step >= self.total:
             print(f"{self.workdir} is already trained to step {step} (train.steps={self.total}); nothing to do")
             return metrics.read_summary(self.workdir) or {}
