@@ -146,7 +146,8 @@ def main() -> None:
         "|---|---|---|",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
-        "DPO (beta 0.1) held-out preference accuracy (implicit reward of the right sum > the wrong one) and loss:",
+        "DPO (beta 0.1) held-out preference accuracy (implicit reward of the right sum > the wrong one) and loss "
+        "(at step 0 the policy is its reference: every margin is exactly 0, which counts as not preferred):",
         "",
         "| step | pair accuracy | DPO loss | reward margin |",
         "|---|---|---|---|",

@@ -3,7 +3,10 @@ because the device count must be fixed before JAX is imported); prints JSON.
 
   trainer   DPO through `lmjax.posttrain.trainer` from a checkpoint on a data=8 mesh: 4 steps
             (checkpoints at 2 and 4), then step 4 deleted and the run resumed from step 2.
+  ppo       two PPO steps from the same checkpoint, with a reward model of random weights.
   steps     two DPO train steps on one device and on a data=2 x fsdp=4 mesh.
+
+A persistent compilation cache lets the resumed run reuse the first run's compiled programs.
 """
 
 import os
@@ -51,6 +54,33 @@ def make_init_checkpoint(directory):
     manager.close()
 
 
+def random_checkpoint(directory, config, model=None, seed=0):
+    """A checkpoint of `config`'s model (or `model`) with N(0, 0.02) weights, written without compiling."""
+    setup = Setup(config, directory)
+    if model is not None:
+        setup.abstract_state, _ = step_lib.abstract_train_state(setup.config, model, setup.mesh)
+    rng = np.random.default_rng(seed)
+    state = jax.tree.map(lambda s: (rng.normal(0, 0.02, s.shape) if s.dtype == np.float32 else np.zeros(s.shape))
+                         .astype(s.dtype), setup.abstract_state)
+    manager = checkpointing.make_manager(directory, setup.config.checkpoint)
+    checkpointing.save(manager, 1, state, data_state={}, config=config_lib.to_json(setup.config))
+    manager.wait_until_finished()
+    manager.close()
+
+
+def ppo_run(run):
+    """Two PPO steps from the (grown) init model against a random reward model of the same shape."""
+    reward_dir = os.path.join(os.path.dirname(run["init"]), "reward")
+    c = tiny_lm_config()
+    c.model.vocab_size = 263
+    random_checkpoint(reward_dir, c, RewardModel(c.model))
+    p = config_lib.load("configs/posttrain/ppo.py", {
+        "ppo.reward_from": reward_dir, "posttrain.train_file": run["files"]["pairs_train"], "data.seq_len": SEQ_LEN,
+        "ppo.max_new_tokens": 6, "train.steps": 2, "train.batch_size": 16, "train.log_every": 1, "optim.lr": 1e-3})
+    trainer.train("ppo", p, run["init"], os.path.join(os.path.dirname(run["init"]), "ppo"))
+    return metrics.read_metrics(os.path.join(os.path.dirname(run["init"]), "ppo"))
+
+
 def dpo_config(files):
     c = pt_config.default_config("dpo")
     c.posttrain.update(train_file=files["pairs_train"], eval_file=files["pairs_eval"])
@@ -82,12 +112,7 @@ def other_model_error(run):
     other = tiny_lm_config()
     other.model.embed_dim = 64
     directory = os.path.join(os.path.dirname(run["init"]), "other")
-    setup = Setup(other, directory)
-    abstract = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), setup.abstract_state)
-    manager = checkpointing.make_manager(directory, setup.config.checkpoint)
-    checkpointing.save(manager, 1, abstract, data_state={}, config=config_lib.to_json(setup.config))
-    manager.wait_until_finished()
-    manager.close()
+    random_checkpoint(directory, other)
     try:
         trainer.train("dpo", dpo_config(run["files"]), directory, run["workdir"])
     except ValueError as e:
@@ -139,7 +164,9 @@ def step_runs():
 
 
 if __name__ == "__main__":
+    jax.config.update("jax_compilation_cache_dir", os.path.join(sys.argv[1], "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     run = trainer_run(sys.argv[1])
     result = {"trainer": {k: run[k] for k in ("first", "resumed", "saved_steps", "devices")},
-              "other_model_error": other_model_error(run), "steps": step_runs()}
+              "other_model_error": other_model_error(run), "ppo": ppo_run(run), "steps": step_runs()}
     print("JSON:" + json.dumps(result))

@@ -21,6 +21,7 @@ from lmjax.data.tokenizers import ByteTokenizer
 from lmjax.model import Transformer
 from lmjax.posttrain import batches, chat, dataset, losses
 from lmjax.posttrain import init as init_lib
+from lmjax.posttrain import ppo
 from lmjax.posttrain import config as pt_config
 from lmjax.posttrain.reward_model import RewardModel
 from lmjax.train import step as step_lib
@@ -258,6 +259,18 @@ def test_init_from_another_model_is_refused(check):
     assert "holds a different model: model.embed_dim: checkpoint 32, config 64" in check["other_model_error"]
 
 
+def test_ppo_starts_with_the_policy_equal_to_its_reference(check):
+    first, second = check["ppo"]
+    assert first["step"] == 1 and second["step"] == 2
+    # The rollouts of step 1 are scored before any update: policy and reference log-probs are
+    # bitwise equal, so both KL estimators are exactly 0.
+    assert first["max_abs_policy_ref_logp_diff"] == 0.0
+    assert first["kl_k1"] == 0.0 and first["kl_k3"] == 0.0
+    # After step 1's updates the policy has moved, and the KL says so (k3 >= 0 always).
+    assert second["max_abs_policy_ref_logp_diff"] > 0 and second["kl_k3"] > 0
+    assert all(math.isfinite(second[k]) for k in ("loss", "policy_loss", "value_loss", "score", "kl_coef"))
+
+
 def test_dpo_step_on_8_devices_matches_one(check):
     single, sharded = check["steps"]["dpo"]["single"], check["steps"]["dpo"]["data2_fsdp4"]
     for a, b in zip(single["metrics"], sharded["metrics"]):
@@ -286,8 +299,10 @@ def test_bad_posttrain_keys_are_named():
     c.dpo.loss = "hinge"
     with pytest.raises(ValueError, match=r"config.dpo.loss='hinge' is not valid; choose one of: sigmoid, ipo"):
         pt_config.check(c, "dpo")
-    with pytest.raises(ValueError, match=r"--mode='ppo'"):
-        pt_config.check(pt_config.default_config("sft"), "ppo")
+    with pytest.raises(ValueError, match=r"--mode='kto'"):
+        pt_config.check(pt_config.default_config("sft"), "kto")
+    with pytest.raises(ValueError, match=r"--mode=ppo needs config.ppo.reward_from"):
+        pt_config.check(pt_config.default_config("ppo"), "ppo")
 
 
 def test_command_line_names_a_missing_init_checkpoint(tmp_path):
@@ -300,3 +315,52 @@ def test_command_line_names_a_missing_init_checkpoint(tmp_path):
     assert proc.returncode == 1
     assert f"error: --init_from={tmp_path}/nothing: no checkpoint in {tmp_path}/nothing/checkpoints" in proc.stderr
     assert not os.path.exists(f"{tmp_path}/sft")
+
+
+# --- PPO's arithmetic --------------------------------------------------------------------------------
+
+
+def test_gae_matches_a_reference_loop():
+    rng = np.random.default_rng(0)
+    rewards, values = rng.normal(size=(3, 6)).astype(np.float32), rng.normal(size=(3, 6)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], np.float32)
+    gamma, lam = 0.9, 0.8
+    advantages, returns = ppo.gae(rewards, values, mask, gamma, lam)
+    for b in range(3):
+        n = int(mask[b].sum())
+        expected, running = np.zeros(6), 0.0
+        for t in reversed(range(n)):
+            next_value = values[b, t + 1] if t + 1 < n else 0.0
+            running = rewards[b, t] + gamma * next_value - values[b, t] + gamma * lam * running
+            expected[t] = running
+        np.testing.assert_allclose(advantages[b], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(returns[b, :n], expected[:n] + values[b, :n], rtol=1e-5, atol=1e-6)
+        assert np.all(np.asarray(returns[b, n:]) == 0)
+
+
+def test_clipped_objective_at_ratio_1_is_the_policy_gradient():
+    rng = np.random.default_rng(1)
+    logp = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+    advantages = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+    mask = jnp.asarray([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], jnp.float32)
+    clipped = jax.grad(lambda lp: ppo.clipped_policy_loss_sum(lp, logp, advantages, mask, 0.2))(logp)
+    plain = jax.grad(lambda lp: -jnp.sum(advantages * lp * mask))(logp)
+    np.testing.assert_allclose(clipped, plain, rtol=1e-6)
+    # Away from ratio 1 the clip binds: a ratio of e^0.5 with a positive advantage has no gradient.
+    far = jax.grad(lambda lp: ppo.clipped_policy_loss_sum(lp, logp, jnp.ones_like(logp), mask, 0.2))(logp + 0.5)
+    assert float(jnp.abs(far).sum()) == 0.0
+
+
+def test_kl_estimators_and_rewards_by_hand():
+    logp = jnp.array([[-1.0, -2.0, -0.5]])
+    k1, k3 = ppo.kl_estimates(logp, logp)
+    assert float(jnp.abs(k1).sum()) == 0.0 and float(jnp.abs(k3).sum()) == 0.0  # policy == reference
+    ref = jnp.array([[-1.5, -1.0, -0.5]])
+    k1, k3 = ppo.kl_estimates(logp, ref)
+    np.testing.assert_allclose(k1, [[0.5, -1.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(k3, [[np.exp(-0.5) - 1 + 0.5, np.exp(1.0) - 1 - 1.0, 0.0]], rtol=1e-6)
+    rewards = ppo.token_rewards(jnp.array([2.0]), logp, ref, jnp.array([[1.0, 1.0, 0.0]]), 0.1)
+    np.testing.assert_allclose(rewards, [[-0.05, 2.0 + 0.1, 0.0]], rtol=1e-6)
+    controller = ppo.AdaptiveKLController(coef=0.1, target=6.0, horizon=100)
+    assert controller.update(kl=12.0, steps=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped to 0.2
+    assert controller.update(kl=5.4, steps=10) == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))

@@ -1,4 +1,4 @@
-"""`python -m lmjax.posttrain --mode=sft|dpo|reward --config=configs/posttrain/<x>.py --init_from=DIR --workdir=OUT`.
+"""`python -m lmjax.posttrain --mode=sft|dpo|reward|ppo --config=configs/posttrain/<x>.py --init_from=DIR --workdir=OUT`.
 
 Parses flags and calls `lmjax.posttrain.trainer.train`. `--init_from` is the run to post-train (a
 pretraining workdir, or an SFT workdir for DPO); the model and tokenizer come from its newest
@@ -18,7 +18,7 @@ from lmjax.posttrain import trainer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset, e.g. configs/posttrain/sft.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, summary.json.")
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Workdir whose newest checkpoint is the starting model.")
-_MODE = flags.DEFINE_enum("mode", None, list(pt_config.MODES), "sft, dpo or reward (a reward model).")
+_MODE = flags.DEFINE_enum("mode", None, list(pt_config.MODES), "sft, dpo, reward (a reward model) or ppo.")
 flags.mark_flags_as_required(["config", "workdir", "init_from", "mode"])
 
 

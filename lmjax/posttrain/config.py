@@ -21,7 +21,7 @@ from lmjax.posttrain.losses import DPO_LOSSES
 from lmjax.train import checkpointing
 from lmjax.train.workdir import TOKENIZER_FILE
 
-MODES = ("sft", "dpo", "reward")
+MODES = ("sft", "dpo", "reward", "ppo")
 
 
 def default_config(mode: str) -> config_dict.ConfigDict:
@@ -42,6 +42,21 @@ def default_config(mode: str) -> config_dict.ConfigDict:
     d.loss = "sigmoid"  # sigmoid (DPO) | ipo
     r = c.reward = config_dict.ConfigDict()
     r.center = 0.0  # weight of (r_chosen + r_rejected)^2: keeps rewards centred at 0
+    o = c.ppo = config_dict.ConfigDict()
+    o.reward_from = config_lib.placeholder(str)  # workdir of a --mode=reward run: scores rollouts, inits the value net
+    o.max_new_tokens = 16  # tokens sampled per response
+    o.temperature = 1.0  # rollout sampling temperature
+    o.epochs = 2  # passes over each rollout batch
+    o.minibatches = 2  # optimizer updates per epoch (train.batch_size rollouts split this many ways)
+    o.clip = 0.2  # policy ratio clip
+    o.value_clip = 0.2  # value clip around the rollout's values
+    o.value_coef = 0.5  # weight of the value loss
+    o.gamma = 1.0  # discount
+    o.lam = 0.95  # GAE lambda
+    o.kl_coef = 0.05  # penalty on k1 = log pi - log pi_ref, per token (initial value if adaptive)
+    o.kl_target = 0.0  # > 0: adapt kl_coef towards this KL per response (Ziegler et al.); 0: fixed
+    o.kl_horizon = 10000  # adaptive KL: rollouts over which the coefficient may change by ~e^0.2
+    o.whiten_advantages = True  # standardise advantages per rollout batch
     c.data.seq_len = 128
     c.train.update(steps=200, batch_size=16, log_every=10)
     c.optim.update(lr=1e-4, warmup_steps=10, weight_decay=0.0, schedule="cosine")
@@ -58,7 +73,14 @@ def check(config: config_dict.ConfigDict, mode: str) -> None:
         raise ValueError(f"config.dpo.loss={config.dpo.loss!r} is not valid; choose one of: {', '.join(DPO_LOSSES)}")
     if config.dpo.beta <= 0:
         raise ValueError(f"config.dpo.beta={config.dpo.beta} must be > 0")
-    for key in ("sft.prompt_loss_weight", "reward.center"):
+    if mode == "ppo":
+        if not config.ppo.reward_from:
+            raise ValueError("--mode=ppo needs config.ppo.reward_from: the workdir of a --mode=reward run")
+        if config.train.batch_size % config.ppo.minibatches:
+            raise ValueError(f"config.train.batch_size={config.train.batch_size} (rollouts per step) must split into "
+                             f"config.ppo.minibatches={config.ppo.minibatches}")
+    for key in ("sft.prompt_loss_weight", "reward.center", "ppo.kl_coef", "ppo.kl_target", "ppo.clip",
+                "ppo.value_clip", "ppo.value_coef"):
         section, name = key.split(".")
         if config[section][name] < 0:
             raise ValueError(f"config.{key}={config[section][name]} must be >= 0")

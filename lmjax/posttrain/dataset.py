@@ -4,6 +4,7 @@ Schemas (a prompt is a string, one user turn, or a list of messages as in chat.p
   sft     {"prompt": PROMPT, "response": str}   or   {"messages": [{"role": ..., "content": ...}, ...]}
           (a message list must contain an assistant message: only assistant text is learned)
   pairs   {"prompt": PROMPT, "chosen": str, "rejected": str}   (DPO and the reward model)
+  prompts {"prompt": PROMPT, ...}   (PPO samples its own responses; sft and pairs files qualify)
 Other keys are ignored (e.g. a judge's label kept for analysis). A bad line fails with the file,
 the line number and what is wrong.
 """
@@ -17,12 +18,12 @@ from etils import epath
 
 from lmjax.posttrain import chat
 
-KINDS = ("sft", "pairs")
+KINDS = ("sft", "pairs", "prompts")
 
 
 def read_jsonl(path: str, kind: str) -> list[dict[str, Any]]:
-    """The examples of `path` as {"messages"} (sft) or {"prompt", "chosen", "rejected"} (pairs) dicts,
-    the prompt already a message list."""
+    """The examples of `path` as {"messages"} (sft), {"prompt", "chosen", "rejected"} (pairs) or
+    {"prompt"} (prompts) dicts, the prompt already a message list."""
     if kind not in KINDS:
         raise ValueError(f"unknown example kind {kind!r}: expected one of {KINDS}")
     if not path:
@@ -42,7 +43,8 @@ def read_jsonl(path: str, kind: str) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
         try:
-            examples.append(_sft(record) if kind == "sft" else _pair(record))
+            examples.append(_sft(record) if kind == "sft" else _pair(record) if kind == "pairs" else
+                            {"prompt": _prompt(record)})
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
     if not examples:

@@ -60,9 +60,12 @@ def _into(fresh: Any, pretrained: Any, where: str) -> Any:
 
 
 def initial_state(config: config_dict.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh,
-                  state_shardings: TrainState, pretrained: Any, subtree: str | None = None) -> TrainState:
-    """Step 0 of a post-training run: `pretrained` params (under `params[subtree]` if given, e.g. a
-    reward model's trunk, the other parameters freshly initialised) and a fresh optimizer state."""
+                  state_shardings: TrainState, pretrained: Any, subtree: str | tuple[str, ...] | None = None
+                  ) -> TrainState:
+    """Step 0 of a post-training run: `pretrained` params and a fresh optimizer state. With `subtree`
+    they go under `params[subtree]` (a reward model's trunk; with a tuple of names, `pretrained` is a
+    tuple of trees, e.g. PPO's policy and value network) and the other parameters are freshly
+    initialised."""
     tx, _ = step_lib.make_tx(config, step_lib.abstract_params(config, model))
     vocab_size = int(config.model.vocab_size)
     if subtree is None:  # the language model itself: every parameter is pretrained
@@ -70,16 +73,18 @@ def initial_state(config: config_dict.ConfigDict, model: nn.Module, mesh: jax.sh
     else:
         fresh = step_lib.create_train_state(config, model, mesh)[0]
         fresh = {"params": fresh.params, "rng": fresh.rng}
+    names = (subtree,) if isinstance(subtree, str) else subtree
+    trees = (pretrained,) if isinstance(subtree, str) else pretrained
 
-    def build(fresh: dict, pretrained: Any) -> TrainState:
-        grown = grow_vocab(pretrained, vocab_size)
+    def build(fresh: dict, trees: Any) -> TrainState:
         if subtree is None:
-            params = _into(nn.unbox(fresh["params"]), grown, "")
+            params = _into(nn.unbox(fresh["params"]), grow_vocab(trees, vocab_size), "")
         else:
             params = dict(fresh["params"])
-            params[subtree] = _into(params[subtree], grown, subtree)
+            for name, tree in zip(names, trees):
+                params[name] = _into(params[name], grow_vocab(tree, vocab_size), name)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), fresh["rng"])
 
     if subtree is None:  # shapes only: nothing to donate
-        return jax.jit(lambda pretrained: build(fresh, pretrained), out_shardings=state_shardings)(pretrained)
-    return jax.jit(build, out_shardings=state_shardings, donate_argnums=(0,))(fresh, pretrained)
+        return jax.jit(lambda trees: build(fresh, trees), out_shardings=state_shardings)(pretrained)
+    return jax.jit(build, out_shardings=state_shardings, donate_argnums=(0,))(fresh, trees)

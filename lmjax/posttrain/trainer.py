@@ -221,5 +221,9 @@ class PosttrainRun:
 
 
 def train(mode: str, config: config_dict.ConfigDict, init_from: str, workdir: str) -> dict:
-    """Post-train (`mode`: sft | dpo | reward) the model of `init_from` in `workdir`, or resume; the summary."""
+    """Post-train (`mode`: sft | dpo | reward | ppo) the model of `init_from` in `workdir`, or resume; the summary."""
+    if mode == "ppo":
+        from lmjax.posttrain import ppo_trainer
+
+        return ppo_trainer.train(config, init_from, workdir)
     return PosttrainRun(mode, config, init_from, workdir).run()
