@@ -66,25 +66,28 @@ def initial_state(config: config_dict.ConfigDict, model: nn.Module, mesh: jax.sh
     they go under `params[subtree]` (a reward model's trunk; with a tuple of names, `pretrained` is a
     tuple of trees, e.g. PPO's policy and value network) and the other parameters are freshly
     initialised."""
-    tx, _ = step_lib.make_tx(config, step_lib.abstract_params(config, model))
+    boxed = step_lib.abstract_params(config, model)
+    tx, _ = step_lib.make_tx(config, boxed)
     vocab_size = int(config.model.vocab_size)
-    if subtree is None:  # the language model itself: every parameter is pretrained
-        fresh = {"params": step_lib.abstract_params(config, model), "rng": jax.random.PRNGKey(int(config.train.seed))}
-    else:
-        fresh = step_lib.create_train_state(config, model, mesh)[0]
-        fresh = {"params": fresh.params, "rng": fresh.rng}
     names = (subtree,) if isinstance(subtree, str) else subtree
     trees = (pretrained,) if isinstance(subtree, str) else pretrained
+    if subtree is None:
+        names, trees = None, pretrained
+    if names is None or set(names) == set(boxed):  # every parameter is pretrained: shapes suffice
+        fresh = {"params": nn.unbox(boxed), "rng": jax.random.PRNGKey(int(config.train.seed))}
+    else:
+        state = step_lib.create_train_state(config, model, mesh)[0]
+        fresh = {"params": state.params, "rng": state.rng}
 
     def build(fresh: dict, trees: Any) -> TrainState:
-        if subtree is None:
-            params = _into(nn.unbox(fresh["params"]), grow_vocab(trees, vocab_size), "")
+        if names is None:
+            params = _into(fresh["params"], grow_vocab(trees, vocab_size), "")
         else:
             params = dict(fresh["params"])
             for name, tree in zip(names, trees):
                 params[name] = _into(params[name], grow_vocab(tree, vocab_size), name)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), fresh["rng"])
 
-    if subtree is None:  # shapes only: nothing to donate
-        return jax.jit(lambda trees: build(fresh, trees), out_shardings=state_shardings)(pretrained)
+    if isinstance(jax.tree.leaves(fresh["params"])[0], jax.ShapeDtypeStruct):  # nothing to donate
+        return jax.jit(lambda trees: build(fresh, trees), out_shardings=state_shardings)(trees)
     return jax.jit(build, out_shardings=state_shardings, donate_argnums=(0,))(fresh, trees)
