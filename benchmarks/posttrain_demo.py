@@ -1,8 +1,8 @@
-"""Post-training on a task a program can check: pretrain a tiny byte-level model, SFT it on sums
-("12+7=" -> "19"), then DPO it (and train a reward model) on pairs where the right sum is preferred
-to a wrong one. Reports the judge's score (greedy answers that are the right sum), the validation
-response loss, DPO's held-out preference accuracy over its steps, and the reward model's held-out
-pairwise accuracy.
+"""Post-training on a task a program can check: pretrain a tiny byte-level model, SFT it briefly on
+sums ("12+7=" -> "19"), then DPO it, train a reward model, and PPO it against that reward model, on
+pairs where the right sum is preferred to a wrong one. Reports the judge's score (greedy answers
+that are the right sum), the validation response loss (the alignment tax), DPO's held-out preference
+accuracy over its steps, the reward model's held-out pairwise accuracy, and PPO's reward and KL.
 
     python -m benchmarks.posttrain_demo [--out=benchmarks/results/posttrain]   (from the repo root)
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from lmjax import config as config_lib
 from lmjax import model
-from lmjax.posttrain import chat, synthetic
+from lmjax.posttrain import chat, ppo_trainer, synthetic
 from lmjax.posttrain import trainer as pt_trainer
 from lmjax.train import metrics
 from lmjax.train import trainer as pre_trainer
@@ -41,7 +41,7 @@ def pretrain(runs: str, steps: int) -> str:
     c.data.update(source=f"text:{REPO}/lmjax/train/*.py", tokenizer="byte", text_split="tail", val_fraction=0.1,
                   seq_len=64, cache_dir=os.path.join(runs, "cache"))
     c.train.update(steps=steps, batch_size=16, log_every=50)
-    c.optim.update(lr=3e-3, warmup_steps=20)
+    c.optim.update(lr=3e-3, warmup_steps=min(20, steps // 5))
     c.checkpoint.every_steps = steps
     c.eval.update(every_steps=steps, steps=2, num_samples=0)
     pre_trainer.train(c, workdir)
@@ -57,26 +57,36 @@ def posttrain_config(mode: str, files: dict, overrides: dict):
 
 
 def posttrain(mode: str, init_from: str, runs: str, files: dict, overrides: dict):
-    run = pt_trainer.PosttrainRun(mode, posttrain_config(mode, files, overrides), init_from, os.path.join(runs, mode))
+    config, workdir = posttrain_config(mode, files, overrides), os.path.join(runs, mode)
+    run = (ppo_trainer.PPORun(config, init_from, workdir) if mode == "ppo" else
+           pt_trainer.PosttrainRun(mode, config, init_from, workdir))
     run.run()
     return run, metrics.read_metrics(run.workdir)
 
 
-def judge_score(run, prompts: list[str]) -> tuple[float, list[str]]:
+def judge_score(run, prompts: list[str], params=None) -> tuple[float, list[str]]:
     """Share of greedy answers that are the right sum, and the answers."""
     ids = [run.template.prompt_ids(chat.conversation(p)) for p in prompts]
-    new = model.generate(run.config.model, run.state.params, ids, 6, temperature=0.0, eos_id=run.template.end_id)
+    params = run.state.params if params is None else params
+    new = model.generate(run.config.model, params, ids, 6, temperature=0.0, eos_id=run.template.end_id)
     answers = [run.template.decode(tokens) for tokens in new]
     return float(np.mean([synthetic.judge(p, a) for p, a in zip(prompts, answers)])), answers
 
 
-def plot(dpo_records: list[dict], reward_records: list[dict], path: str) -> None:
+def plot(dpo_records: list[dict], reward_records: list[dict], ppo_records: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    steps = [r["step"] for r in ppo_records]
+    axes[2].plot(steps, [r["score"] for r in ppo_records], "o-", label="reward-model score")
+    axes[2].plot(steps, [r["kl_k3"] for r in ppo_records], "s--", label="KL to reference (k3, per response)")
+    axes[2].set_xlabel("step")
+    axes[2].set_title("PPO")
+    axes[2].grid(alpha=0.3)
+    axes[2].legend()
     for ax, records, title in ((axes[0], dpo_records, "DPO"), (axes[1], reward_records, "reward model")):
         evals = [r for r in records if "val_accuracy" in r]
         ax.plot([r["step"] for r in evals], [r["val_accuracy"] for r in evals], "o-", label="held-out pair accuracy")
@@ -94,9 +104,10 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "posttrain"))
     parser.add_argument("--runs", default="/tmp/lmjax_posttrain_demo", help="workdirs (checkpoints), data")
     parser.add_argument("--pretrain_steps", type=int, default=200)
-    parser.add_argument("--sft_steps", type=int, default=600)
+    parser.add_argument("--sft_steps", type=int, default=150)
     parser.add_argument("--dpo_steps", type=int, default=200)
     parser.add_argument("--reward_steps", type=int, default=200)
+    parser.add_argument("--ppo_steps", type=int, default=60)
     args = parser.parse_args()
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -121,7 +132,13 @@ def main() -> None:
     reward, reward_records = posttrain("reward", sft_workdir, args.runs, files, {
         **common, **warmup(args.reward_steps), "train.steps": args.reward_steps, "optim.lr": 1e-3,
         "eval.every_steps": max(args.reward_steps // 8, 1), "checkpoint.every_steps": args.reward_steps})
-    plot(dpo_records, reward_records, os.path.join(args.out, "posttrain_demo.png"))
+    ppo_run, ppo_records = posttrain("ppo", sft_workdir, args.runs, files, {
+        "train.batch_size": 32, "train.log_every": 1, "train.steps": args.ppo_steps, "optim.lr": 1e-4,
+        "checkpoint.every_steps": args.ppo_steps, "ppo.reward_from": reward.workdir, "ppo.max_new_tokens": 4,
+        "ppo.kl_coef": 0.05})
+    ppo_score, ppo_answers = judge_score(ppo_run, eval_prompts, ppo_run.state.params["policy"])
+    ppo_val = sft_eval.evaluate(ppo_run.state.params["policy"])["val_loss"]
+    plot(dpo_records, reward_records, ppo_records, os.path.join(args.out, "posttrain_demo.png"))
 
     first_sft = next(r for r in sft_records if r["step"] == 0)
     last = lambda records: [r for r in records if "val_loss" in r][-1]  # noqa: E731
@@ -130,6 +147,7 @@ def main() -> None:
         ("pretrained (before SFT)", "-", f"{first_sft['val_loss']:.4f}"),
         (f"SFT, {args.sft_steps} steps", f"{sft_score:.3f}", f"{last(sft_records)['val_loss']:.4f}"),
         (f"SFT + DPO, {args.dpo_steps} steps", f"{dpo_score:.3f}", f"{dpo_val:.4f}"),
+        (f"SFT + PPO, {args.ppo_steps} steps", f"{ppo_score:.3f}", f"{ppo_val:.4f}"),
     ]
     lines = [
         "# Post-training demo: sums, judged by a program",
@@ -157,9 +175,18 @@ def main() -> None:
         f"{last(reward_records)['val_accuracy']:.3f} (step 0: "
         f"{next(r for r in reward_records if r['step'] == 0)['val_accuracy']:.3f}); the judge itself is exact (1.0).",
         "",
-        "Sample greedy answers after SFT and after DPO:",
+        f"PPO (from the SFT model, against that reward model; {args.ppo_steps} steps of 32 prompts, responses of "
+        "at most 4 tokens sampled at temperature 1, kl_coef 0.05, 2 epochs x 2 minibatches):",
         "",
-        *[f"- `{p}` SFT `{a}`, DPO `{b}`" for p, a, b in list(zip(eval_prompts, sft_answers, dpo_answers))[:8]],
+        "| step | reward-model score | KL k1 | KL k3 | clip fraction |",
+        "|---|---|---|---|---|",
+        *[f"| {r['step']} | {r['score']:.3f} | {r['kl_k1']:.4f} | {r['kl_k3']:.4f} | {r['clip_fraction']:.3f} |"
+          for r in ppo_records if r["step"] in (1, 2, 5) or r["step"] % 10 == 0],
+        "",
+        "Sample greedy answers after SFT, DPO and PPO:",
+        "",
+        *[f"- `{p}` SFT `{a}`, DPO `{b}`, PPO `{c}`"
+          for p, a, b, c in list(zip(eval_prompts, sft_answers, dpo_answers, ppo_answers))[:8]],
         "",
         "![DPO and reward-model curves](posttrain_demo.png)",
     ]

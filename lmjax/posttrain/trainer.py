@@ -42,6 +42,8 @@ class PosttrainRun:
     def __init__(self, mode: str, config: config_dict.ConfigDict, init_from: str, workdir: str):
         self.wall_start = time.time()
         pt_config.check(config, mode)
+        if mode == "ppo":
+            raise ValueError("PPO runs through lmjax.posttrain.ppo_trainer.PPORun (or train('ppo', ...))")
         self.mode, self.init_from, self.workdir = mode, init_from, workdir
         config, self.source_config = pt_config.from_init(config, init_from)
         self.setup = setup = Setup(config, workdir)
