@@ -104,9 +104,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "posttrain"))
     parser.add_argument("--runs", default="/tmp/lmjax_posttrain_demo", help="workdirs (checkpoints), data")
     parser.add_argument("--pretrain_steps", type=int, default=200)
-    parser.add_argument("--sft_steps", type=int, default=150)
+    parser.add_argument("--sft_steps", type=int, default=300)
     parser.add_argument("--dpo_steps", type=int, default=200)
-    parser.add_argument("--reward_steps", type=int, default=200)
+    parser.add_argument("--reward_steps", type=int, default=300)
     parser.add_argument("--ppo_steps", type=int, default=60)
     args = parser.parse_args()
     start = time.time()
@@ -122,7 +122,7 @@ def main() -> None:
     sft_score, sft_answers = judge_score(sft, eval_prompts)
     sft_workdir = sft.workdir
     dpo, dpo_records = posttrain("dpo", sft_workdir, args.runs, files, {
-        **common, **warmup(args.dpo_steps), "train.steps": args.dpo_steps, "optim.lr": 3e-4, "dpo.beta": 0.1,
+        **common, **warmup(args.dpo_steps), "train.steps": args.dpo_steps, "optim.lr": 1e-4, "dpo.beta": 0.1,
         "eval.every_steps": max(args.dpo_steps // 8, 1), "checkpoint.every_steps": args.dpo_steps})
     dpo_score, dpo_answers = judge_score(dpo, eval_prompts)
     # The DPO policy's response loss on the SFT validation set (the alignment tax, if any).
@@ -133,9 +133,9 @@ def main() -> None:
         **common, **warmup(args.reward_steps), "train.steps": args.reward_steps, "optim.lr": 1e-3,
         "eval.every_steps": max(args.reward_steps // 8, 1), "checkpoint.every_steps": args.reward_steps})
     ppo_run, ppo_records = posttrain("ppo", sft_workdir, args.runs, files, {
-        "train.batch_size": 32, "train.log_every": 1, "train.steps": args.ppo_steps, "optim.lr": 1e-4,
+        "train.batch_size": 32, "train.log_every": 1, "train.steps": args.ppo_steps, "optim.lr": 5e-5,
         "checkpoint.every_steps": args.ppo_steps, "ppo.reward_from": reward.workdir, "ppo.max_new_tokens": 4,
-        "ppo.kl_coef": 0.05})
+        "ppo.kl_coef": 0.1})
     ppo_score, ppo_answers = judge_score(ppo_run, eval_prompts, ppo_run.state.params["policy"])
     ppo_val = sft_eval.evaluate(ppo_run.state.params["policy"])["val_loss"]
     plot(dpo_records, reward_records, ppo_records, os.path.join(args.out, "posttrain_demo.png"))
@@ -164,7 +164,7 @@ def main() -> None:
         "|---|---|---|",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
-        "DPO (beta 0.1) held-out preference accuracy (implicit reward of the right sum > the wrong one) and loss "
+        "DPO (beta 0.1, lr 1e-4) held-out preference accuracy (implicit reward of the right sum > the wrong one) and loss "
         "(at step 0 the policy is its reference: every margin is exactly 0, which counts as not preferred):",
         "",
         "| step | pair accuracy | DPO loss | reward margin |",
@@ -176,7 +176,7 @@ def main() -> None:
         f"{next(r for r in reward_records if r['step'] == 0)['val_accuracy']:.3f}); the judge itself is exact (1.0).",
         "",
         f"PPO (from the SFT model, against that reward model; {args.ppo_steps} steps of 32 prompts, responses of "
-        "at most 4 tokens sampled at temperature 1, kl_coef 0.05, 2 epochs x 2 minibatches):",
+        "at most 4 tokens sampled at temperature 1, kl_coef 0.1, lr 5e-5, 2 epochs x 2 minibatches):",
         "",
         "| step | reward-model score | KL k1 | KL k3 | clip fraction |",
         "|---|---|---|---|---|",
