@@ -98,6 +98,8 @@ class Transformer(nn.Module):
     """tokens [B, L] (+ positions, segment_ids) -> float32 logits [B, L, V].
 
     With `cache` (see decoding.init_cache) returns (logits, updated cache): the KV-cache path.
+    With `features=True` returns the final-norm hidden states [B, L, D] instead of logits (and
+    creates no LM head), for models that put another head on the trunk (a reward model).
     """
 
     cfg: Any
@@ -110,6 +112,7 @@ class Transformer(nn.Module):
         segment_ids: jnp.ndarray | None = None,
         deterministic: bool = True,
         cache: dict | None = None,
+        features: bool = False,
     ):
         cfg = self.cfg
         if cfg.vocab_size is None:
@@ -162,6 +165,8 @@ class Transformer(nn.Module):
                 new_caches.append(layer_cache)
             layer_caches = tuple(new_caches)
         x_BxLxD = make_norm(cfg, "final_norm")(x_BxLxD)
+        if features:
+            return x_BxLxD
 
         if cfg.tie_embeddings:
             head_DxV = embedding_VxD.T

@@ -108,8 +108,11 @@ def create_train_state(config: Any, model: nn.Module, mesh: Mesh) -> tuple[Train
     return state, shardings
 
 
-def _loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
-    """(params, batch, dropout_key, step) -> (objective, (loss_sum, weight_sum, z_sum)) for value_and_grad."""
+def lm_loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
+    """(params, batch, dropout_key, step) -> (objective, sums) for value_and_grad: the next-token loss.
+
+    `sums` holds `loss_sum`, `weight_sum` and `z_sum`; a loss of another kind (post-training's
+    pairwise losses) has the same form, and may add sums of its own (see make_train_step)."""
     z_weight = float(config.train.z_loss)
     deterministic = float(config.model.dropout) == 0.0
     sampling = config.train.scheduled_sampling != "none"
@@ -132,7 +135,7 @@ def _loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
         )
         loss_sum, weight_sum, z_sum = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"])
         objective = loss_sum + z_weight * z_sum if z_weight else loss_sum
-        return objective, (loss_sum, weight_sum, z_weight * z_sum)
+        return objective, {"loss_sum": loss_sum, "weight_sum": weight_sum, "z_sum": z_weight * z_sum}
 
     return loss_sums
 
@@ -148,8 +151,14 @@ def _check_batch_split(config: Any, mesh: Mesh, rules: sharding.Rules) -> None:
         )
 
 
-def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: TrainState) -> Callable:
+def make_train_step(
+    config: Any, model: nn.Module, mesh: Mesh, state_shardings: TrainState, loss_sums_fn: Callable | None = None
+) -> Callable:
     """The jitted `train_step(state, batch) -> (state, metrics)`; `state` is donated.
+
+    `loss_sums_fn` (default: `lm_loss_sums_fn`, the next-token loss) maps (params, batch,
+    dropout_key, step) to (objective, sums); every extra `<name>_sum` in `sums` is reported as the
+    metric `<name>` = sum / weight_sum, e.g. the pairwise accuracy of a reward model.
 
     `batch` holds [B, L] arrays `inputs`, `targets`, `weights` (+ optional `positions`,
     `segment_ids`), sharded over rows by the 'batch' rule. With k = `train.microbatches`, the rows
@@ -159,7 +168,7 @@ def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: 
     """
     rules = sharding.rules(config.mesh)
     tx, schedule = make_tx(config, abstract_params(config, model))
-    grad_fn = jax.value_and_grad(_loss_sums_fn(config, model), has_aux=True)
+    grad_fn = jax.value_and_grad(loss_sums_fn or lm_loss_sums_fn(config, model), has_aux=True)
     microbatches = int(config.train.microbatches)
     _check_batch_split(config, mesh, rules)
     batch_ways = sharding.batch_sharding(mesh, rules).spec[0]
@@ -183,15 +192,18 @@ def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: 
         zeros = jax.lax.with_sharding_constraint(
             jax.tree.map(jnp.zeros_like, params), state_shardings.params
         )
-        init = (zeros, (jnp.float32(0), jnp.float32(0), jnp.float32(0)))
         chunks = (jax.tree.map(to_chunks, batch), jnp.arange(microbatches))
+        first = jax.tree.map(lambda x: x[0], chunks[0])
+        sums_shape = jax.eval_shape(grad_fn, params, first, key, step)[0][1]
+        init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
         (grads, sums), _ = jax.lax.scan(body, init, chunks)
         return grads, sums
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         with sharding.activation_sharding(mesh, rules):
             key = jax.random.fold_in(state.rng, state.step)
-            grads, (loss_sum, weight_sum, z_sum) = accumulate(state.params, batch, key, state.step)
+            grads, sums = accumulate(state.params, batch, key, state.step)
+            loss_sum, weight_sum, z_sum = sums["loss_sum"], sums["weight_sum"], sums["z_sum"]
             grads = jax.tree.map(lambda g: safe_mean(g, weight_sum), grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -205,6 +217,9 @@ def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: 
             "weight_sum": weight_sum,
             "z_loss": safe_mean(z_sum, weight_sum),
         }
+        for name, total in sums.items():
+            if name not in ("loss_sum", "weight_sum", "z_sum"):
+                metrics[name.removesuffix("_sum")] = safe_mean(total, weight_sum)
         new_state = TrainState(state.step + 1, params, opt_state, state.rng)
         return new_state, metrics
 
