@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from absl import flags
+from absl import app, flags, logging
 
 from lmjax import config as config_lib
 
@@ -65,6 +65,21 @@ def parse_flags(argv: list[str]) -> list[str]:
         message = str(e)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def absl_main(body: Callable[[], Any]) -> Callable[[list[str]], None]:
+    """The `main` for `absl.app.run(main, flags_parser=parse_flags)` of a command: stray arguments
+    refused, library INFO logs off unless --verbosity is given (orbax logs every save), and `body`
+    run with one-line errors."""
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
+        run(body)
+
+    return main
 
 
 def run(body: Callable[[], Any]) -> Any:

@@ -10,7 +10,7 @@ ones), a vocab_size below the tokenizer's, or eval/generate on a workdir with no
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from lmjax import cli
@@ -84,12 +84,7 @@ def _print_texts(prompts: list[str], texts: list[str]) -> None:
         print(f"{prompt}{text}\n{'=' * 40}")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    cli.run(_run)
+main = cli.absl_main(_run)
 
 
 if __name__ == "__main__":

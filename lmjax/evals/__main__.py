@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from lmjax import cli, fileio
@@ -56,12 +56,7 @@ def _run() -> None:
         print(f"wrote {path}")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    cli.run(_run)
+main = cli.absl_main(_run)
 
 
 if __name__ == "__main__":

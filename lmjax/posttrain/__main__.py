@@ -8,7 +8,7 @@ checkpoint. Re-running the same command resumes. Any config key can be overridde
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from lmjax import cli
@@ -22,12 +22,7 @@ _MODE = flags.DEFINE_enum("mode", None, list(pt_config.MODES), "sft, dpo, reward
 flags.mark_flags_as_required(["config", "workdir", "init_from", "mode"])
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    cli.run(lambda: trainer.train(_MODE.value, _CONFIG.value, _INIT_FROM.value, _WORKDIR.value))
+main = cli.absl_main(lambda: trainer.train(_MODE.value, _CONFIG.value, _INIT_FROM.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ class PosttrainRun:
         }[mode](config, setup.model)
         self.train_step = step_lib.make_train_step(config, setup.model, setup.mesh, setup.state_shardings, loss_fn)
         self.eval_sums = jax.jit(
-            lambda params, batch: loss_fn(params, batch, jax.random.PRNGKey(0))[1],
+            lambda params, batch: loss_fn(params, batch, jax.random.PRNGKey(0), 0)[1],
             in_shardings=(setup.state_shardings.params, sharding.batch_sharding(setup.mesh, setup.rules)),
             out_shardings=sharding.replicated(setup.mesh),
         )

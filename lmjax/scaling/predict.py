@@ -155,7 +155,7 @@ def measured_optimum(flops: float, n_params: Sequence[float], losses: Sequence[f
 
 def scored(predictions: Sequence[Prediction], measured: Measured) -> str:
     """Predicted vs measured N_opt and loss, per approach (markdown)."""
-    lines = [f"| approach | N_opt predicted | measured | predicted / measured | loss predicted | measured | error |",
+    lines = ["| approach | N_opt predicted | measured | predicted / measured | loss predicted | measured | error |",
              "|---|---|---|---|---|---|---|"]
     for p in predictions:
         lines.append(f"| {p.approach} | {p.n_opt:.3g} | {measured.n_opt:.3g} | {p.n_opt / measured.n_opt:.2f} | "

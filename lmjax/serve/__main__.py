@@ -6,7 +6,7 @@ SIGTERM or Ctrl-C stops accepting connections, finishes the requests in flight, 
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from lmjax import cli
 
@@ -32,12 +32,7 @@ def _run() -> None:
                 timeout_graceful_shutdown=_DRAIN_S.value)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    cli.run(_run)
+main = cli.absl_main(_run)
 
 
 if __name__ == "__main__":
