@@ -325,6 +325,58 @@ def test_shutdown_finishes_requests_in_flight(run):
         httpx.get(f"{running.url}/health")
 
 
+def test_a_request_gets_the_same_numbers_whichever_key_bucket_served_it(run, monkeypatch):
+    """A short request alone runs the smallest key bucket; beside a long companion, the whole cache.
+    Its tokens and log-probs (greedy and sampled) must be equal bit for bit."""
+    config, params, tokenizer = run
+    used = []
+
+    def spy(*args, keys, **kwargs):
+        used.append(keys)
+        return decode_slots(*args, keys=keys, **kwargs)
+
+    decode_slots = engine_lib.decode_slots
+    monkeypatch.setattr(engine_lib, "decode_slots", spy)
+    engine = engine_lib.Engine(config.model, params, max_slots=2, max_queue=4, eos_id=tokenizer.eos_id)
+    engine.start()
+
+    def serve(*requests):
+        done = [threading.Event() for _ in requests]
+        got = [[] for _ in requests]
+        for request, tokens, event in zip(requests, got, done):
+            request.emit = lambda u, tokens=tokens, event=event: (tokens.extend(u.tokens), u.finish and event.set())
+        engine.submit(list(requests))
+        for event in done:
+            assert event.wait(60)
+        return got
+
+    def short(temperature):
+        return engine_lib.Request([5, 6, 7], 10, emit=None, temperature=temperature, seed=3, ignore_eos=True)
+
+    def long():
+        return engine_lib.Request(list(range(10, 110)), 20, emit=None, temperature=0.0, ignore_eos=True)
+
+    try:
+        for temperature in (0.0, 0.9):
+            used.clear()
+            alone = serve(short(temperature))[0]
+            assert set(used) == {engine_lib.MIN_BUCKET}
+            used.clear()
+            companion, beside = serve(long(), short(temperature))
+            assert len(companion) == 20 and used[0] == MAX_LEN
+            assert len(alone) == 10
+            assert [(t.id, t.logprob, t.top) for t in alone] == [(t.id, t.logprob, t.top) for t in beside]
+    finally:
+        engine.stop()
+
+
+def test_key_buckets_cover_the_context():
+    assert engine_lib.key_buckets(128) == [32, 64, 128]
+    assert engine_lib.key_buckets(100) == [32, 64, 100]
+    assert engine_lib.key_buckets(16) == [16]
+    assert [engine_lib.key_bucket(n, 128) for n in (1, 32, 33, 65, 128)] == [32, 32, 64, 128, 128]
+
+
 # --- the pieces -----------------------------------------------------------------------------------
 
 

@@ -7,8 +7,12 @@ budget, EOS, or its client cancelled), and the slot takes the next waiting reque
 
 The cache is `lmjax.model.decoding`'s, with one write index per row: every slot holds its own
 request at positions 0.. of its own, so prompts need no left padding and requests of any lengths
-share the batch. Free slots still run through the decode step (fixed shapes: one compiled program)
-with their index held at 0; their outputs are ignored and the next prefill overwrites the whole row.
+share the batch. The decode step attends over only the first cache slots that the longest live
+request needs, rounded up to a power of two (a few compiled programs), so that a step's cost follows
+the live lengths, not the context; masked slots add exact zeros, so a request's numbers do not depend
+on which of these programs served it (tested). Free slots still run through the decode step (a fixed
+row count) with their index held at 0; their outputs are ignored and the next prefill overwrites
+the whole row.
 """
 
 from __future__ import annotations
@@ -113,11 +117,60 @@ def prefill_into(cfg, params, cache, slot, tokens_1xP, length, settings):
     return {**header, "layers": layers}, first, prompt
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def decode_slots(cfg, params, cache, tokens_B, active_B, settings, steps_B):
-    """One new token for every slot, each with its own sampling settings and random stream."""
-    logits_BxV, cache = decoding.decode_step(cfg, params, cache, tokens_B, cache["index"])
-    cache = {**cache, "index": jnp.where(active_B, cache["index"], 0)}
+def key_bucket(needed: int, limit: int) -> int:
+    """How many cache slots a decode step attends over: the next power of two >= `needed` (at least
+    MIN_BUCKET), at most `limit`; a step then costs what the longest live request needs."""
+    return bucket(needed, limit)
+
+
+def key_buckets(limit: int) -> list[int]:
+    """Every key length `key_bucket` can return for a cache of `limit` slots, smallest first."""
+    sizes = [key_bucket(1, limit)]
+    while sizes[-1] < limit:
+        sizes.append(key_bucket(sizes[-1] + 1, limit))
+    return sizes
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "keys"), donate_argnames=("cache",))
+def decode_slots(cfg, params, cache, tokens_B, active_B, settings, steps_B, keys):
+    """One new token for every slot, each with its own sampling settings and random stream.
+
+    The step attends over the first `keys` cache slots only (every active row's index is below it):
+    the model runs on that prefix of the cache, and only the keys/values it writes (one slot per row)
+    go back into the full, donated cache.
+    """
+    S = cache["positions"].shape[1]
+    seq_axis = 2 if cfg.scan_layers else 1
+    index_B = cache["index"]
+
+    def prefix(x, axis):
+        return x if keys == S else jax.lax.slice_in_dim(x, 0, keys, axis=axis)
+
+    short = {
+        "index": index_B,
+        "positions": prefix(cache["positions"], 1),
+        "segment_ids": prefix(cache["segment_ids"], 1),
+        "layers": jax.tree.map(lambda x: prefix(x, seq_axis), cache["layers"]),
+    }
+    logits_BxV, short = decoding.decode_step(cfg, params, short, tokens_B, index_B)
+    if keys < S:
+        # Inactive rows may hold an index past the prefix: clamp, their numbers are never used.
+        written_B = jnp.minimum(index_B, keys - 1)
+
+        def put_back(big, small, axis):
+            column = jax.vmap(lambda row, i: jax.lax.dynamic_slice_in_dim(row, i, 1, axis - 1), (axis - 1, 0),
+                              axis - 1)(small, written_B)
+            put = jax.vmap(lambda row, col, i: jax.lax.dynamic_update_slice_in_dim(row, col, i, axis - 1),
+                           (axis - 1, axis - 1, 0), axis - 1)
+            return put(big, column, written_B)
+
+        short = {
+            "index": short["index"],
+            "positions": put_back(cache["positions"], short["positions"], 1),
+            "segment_ids": put_back(cache["segment_ids"], short["segment_ids"], 1),
+            "layers": jax.tree.map(lambda big, small: put_back(big, small, seq_axis), cache["layers"], short["layers"]),
+        }
+    cache = {**short, "index": jnp.where(active_B, short["index"], 0)}
     keys_B = sampler.row_keys(settings["seed"], settings["choice"], steps_B)
     out = sampler.sample_rows(logits_BxV, settings["temperature"], settings["top_k"], settings["top_p"], keys_B)
     return cache, out
@@ -204,14 +257,14 @@ class Engine:
     def warm_up(self, every_bucket: bool = True) -> None:
         """Compile the decode step and the prefill of every prompt bucket (or only the smallest) before
         clients arrive: a compile on the engine thread would stall every request in the batch."""
-        lengths, length = [2], MIN_BUCKET + 1
-        while every_bucket and length < self.context:
-            lengths.append(length)
-            length = 2 * length - 1
-        for length in lengths:
+        # A prompt one short of a key bucket is prefilled in the prompt bucket of that size, and its
+        # one decode step attends over exactly that many keys: each request compiles one of each.
+        sizes = key_buckets(self.context)
+        for size in sizes if every_bucket else sizes[:1]:
             done = threading.Event()
-            prompt = [0] * min(length, self.context - 1)
-            self.submit([Request(prompt, 1, emit=lambda u, done=done: u.finish and done.set(), temperature=0.0)])
+            prompt = [0] * max(1, size - 1)
+            self.submit([Request(prompt, 2, emit=lambda u, done=done: u.finish and done.set(), temperature=0.0,
+                                 ignore_eos=True)])
             done.wait()
 
     # --- the engine thread ---------------------------------------------------------------------
@@ -287,9 +340,12 @@ class Engine:
     def _decode(self) -> None:
         active = np.array([r is not None for r in self.slots])
         steps = np.array([r.generated if r is not None else 0 for r in self.slots], np.int32)
+        # A request's next token goes to cache slot len(prompt) + generated - 1.
+        needed = max(len(r.prompt) + r.generated for r in self.slots if r is not None)
         try:
             self.cache, out = decode_slots(
-                self.cfg, self.params, self.cache, self.next_tokens, active, _settings(self.slots), steps
+                self.cfg, self.params, self.cache, self.next_tokens, active, _settings(self.slots), steps,
+                keys=key_bucket(needed, self.context),
             )
             out = jax.device_get(out)
         except Exception as e:  # fail the batch, keep serving
