@@ -151,6 +151,9 @@ class Attention(nn.Module):
             k_BxSxKxE = cache_write(cache["k"], k_BxLxKxE, ctx["cache_index"])
             v_BxSxKxE = cache_write(cache["v"], v_BxLxKxE, ctx["cache_index"])
             new_cache = {"k": k_BxSxKxE, "v": v_BxSxKxE}
+            # A caller may pass the positions of only a prefix of the cache: attend over that prefix.
+            S = ctx["k_positions"].shape[1]
+            k_BxSxKxE, v_BxSxKxE = k_BxSxKxE[:, :S], v_BxSxKxE[:, :S]
         else:
             k_BxSxKxE, v_BxSxKxE = k_BxLxKxE, v_BxLxKxE
         k_BxSxKxE = nn.with_logical_constraint(k_BxSxKxE, ("batch", "length", "kv_heads", "head_dim"))

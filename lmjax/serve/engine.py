@@ -136,40 +136,17 @@ def decode_slots(cfg, params, cache, tokens_B, active_B, settings, steps_B, keys
     """One new token for every slot, each with its own sampling settings and random stream.
 
     The step attends over the first `keys` cache slots only (every active row's index is below it):
-    the model runs on that prefix of the cache, and only the keys/values it writes (one slot per row)
-    go back into the full, donated cache.
+    the model gets the positions and segment ids of that prefix (the attention then slices the keys
+    and values to match) and writes the new keys/values into the full, donated cache in place.
     """
     S = cache["positions"].shape[1]
-    seq_axis = 2 if cfg.scan_layers else 1
-    index_B = cache["index"]
-
-    def prefix(x, axis):
-        return x if keys == S else jax.lax.slice_in_dim(x, 0, keys, axis=axis)
-
-    short = {
-        "index": index_B,
-        "positions": prefix(cache["positions"], 1),
-        "segment_ids": prefix(cache["segment_ids"], 1),
-        "layers": jax.tree.map(lambda x: prefix(x, seq_axis), cache["layers"]),
-    }
-    logits_BxV, short = decoding.decode_step(cfg, params, short, tokens_B, index_B)
+    header = ("positions", "segment_ids")
+    short = {**cache, **{name: jax.lax.slice_in_dim(cache[name], 0, keys, axis=1) for name in header}}
+    logits_BxV, short = decoding.decode_step(cfg, params, short, tokens_B, cache["index"])
     if keys < S:
-        # Inactive rows may hold an index past the prefix: clamp, their numbers are never used.
-        written_B = jnp.minimum(index_B, keys - 1)
-
-        def put_back(big, small, axis):
-            column = jax.vmap(lambda row, i: jax.lax.dynamic_slice_in_dim(row, i, 1, axis - 1), (axis - 1, 0),
-                              axis - 1)(small, written_B)
-            put = jax.vmap(lambda row, col, i: jax.lax.dynamic_update_slice_in_dim(row, col, i, axis - 1),
-                           (axis - 1, axis - 1, 0), axis - 1)
-            return put(big, column, written_B)
-
-        short = {
-            "index": short["index"],
-            "positions": put_back(cache["positions"], short["positions"], 1),
-            "segment_ids": put_back(cache["segment_ids"], short["segment_ids"], 1),
-            "layers": jax.tree.map(lambda big, small: put_back(big, small, seq_axis), cache["layers"], short["layers"]),
-        }
+        # Inactive rows may hold an index past the prefix; their (clamped) writes are never read.
+        short = {**short, **{name: jax.lax.dynamic_update_slice_in_dim(cache[name], short[name], 0, axis=1)
+                             for name in header}}
     cache = {**short, "index": jnp.where(active_B, short["index"], 0)}
     keys_B = sampler.row_keys(settings["seed"], settings["choice"], steps_B)
     out = sampler.sample_rows(logits_BxV, settings["temperature"], settings["top_k"], settings["top_p"], keys_B)
