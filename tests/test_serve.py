@@ -325,6 +325,15 @@ def test_shutdown_finishes_requests_in_flight(run):
         httpx.get(f"{running.url}/health")
 
 
+def test_tokenizer_info_is_what_lm_eval_remote_tokenizer_reads(served):
+    """lm-evaluation-harness's `local-completions` uses the server's tokenizer only if this answers
+    with an `eos_token` key and /tokenize answers its probe."""
+    info = served.client.get("/tokenizer_info").json()
+    assert "eos_token" in info and info["model_max_length"] == MAX_LEN
+    probe = served.client.post("/tokenize", json={"prompt": "test", "add_special_tokens": False}).json()
+    assert probe["tokens"] == list(b"test")
+
+
 def test_a_request_gets_the_same_numbers_whichever_key_bucket_served_it(run, monkeypatch):
     """A short request alone runs the smallest key bucket; beside a long companion, the whole cache.
     Its tokens and log-probs (greedy and sampled) must be equal bit for bit."""

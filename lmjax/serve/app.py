@@ -332,6 +332,12 @@ class Server:
         ids = protocol.parse_detokenize(await self.body(request), self.engine.cfg.vocab_size)
         return JSONResponse({"prompt": self.tokenizer.decode(ids)})
 
+    async def tokenizer_info(self, request: Request) -> Response:
+        """What evaluation clients (lm-evaluation-harness's remote tokenizer) read before they call
+        /tokenize: no special token here has a text that encodes to it, so they are null."""
+        return JSONResponse({"eos_token": None, "bos_token": None, "pad_token": None,
+                             "model_max_length": self.engine.context, "chat_template": None})
+
     async def health(self, request: Request) -> Response:
         if self.shutting_down:
             return JSONResponse({"status": "shutting down"}, status_code=503)
@@ -375,6 +381,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: Tokenizer, model_name: str,
         server.route("/v1/models", server.models, ["GET"]),
         server.route("/tokenize", server.tokenize, ["POST"]),
         server.route("/detokenize", server.detokenize, ["POST"]),
+        server.route("/tokenizer_info", server.tokenizer_info, ["GET"]),
         server.route("/health", server.health, ["GET"]),
         server.route("/metrics", server.prometheus, ["GET"]),
     ]
