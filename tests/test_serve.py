@@ -286,8 +286,15 @@ def test_load_every_request_completes_or_gets_429(served):
     assert served.client.get("/health").json()["active_slots"] == 0
 
 
-def test_a_streaming_client_that_disconnects_frees_its_slot(served):
-    body = {"prompt": "d", "max_tokens": MAX_LEN - 4, "temperature": 1.0, "seed": 5, "stream": True}
+def test_a_streaming_client_that_disconnects_frees_its_slot(served, monkeypatch):
+    decode = served.engine._decode
+
+    def slow_decode():  # the request must still be running when the client goes away, however busy the machine
+        time.sleep(0.05)
+        decode()
+
+    monkeypatch.setattr(served.engine, "_decode", slow_decode)
+    body = {"prompt": "d", "max_tokens": MAX_LEN - 4, "temperature": 1.0, "seed": 5, "stream": True, "ignore_eos": True}
     with httpx.Client(base_url=served.url, timeout=60) as client, \
             client.stream("POST", "/v1/completions", json=body) as response:
         next(response.iter_lines())
