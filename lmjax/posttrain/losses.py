@@ -66,6 +66,19 @@ def dpo_losses(logratio_Bx2: jax.Array, beta: float, kind: str = "sigmoid") -> j
     raise ValueError(f"config.dpo.loss={kind!r} is not valid; choose one of: {', '.join(DPO_LOSSES)}")
 
 
+def _pair_sums(loss_sum: jax.Array, rewards_Bx2: jax.Array, real_B: jax.Array) -> dict[str, jax.Array]:
+    """The sums every pairwise objective reports: its loss, the pairs counted, and how often and by
+    how much the chosen response's reward beats the rejected one's."""
+    margin_B = rewards_Bx2[:, 0] - rewards_Bx2[:, 1]
+    return {
+        "loss_sum": loss_sum,
+        "weight_sum": jnp.sum(real_B),
+        "z_sum": jnp.float32(0),
+        "accuracy_sum": jnp.sum((margin_B > 0) * real_B),
+        "reward_margin_sum": jnp.sum(margin_B * real_B),
+    }
+
+
 def dpo_loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
     """DPO against reference log-probs given in the batch (`ref_logps` [B, 2], computed once)."""
     beta, kind = float(config.dpo.beta), str(config.dpo.loss)
@@ -74,15 +87,10 @@ def dpo_loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
     def loss_sums(params: Any, batch: dict[str, jax.Array], dropout_key: jax.Array, step: jax.Array):
         logratio_Bx2 = pair_logps(params, batch, dropout_key) - batch["ref_logps"]
         rewards_Bx2 = beta * logratio_Bx2  # DPO's implicit rewards
-        margin_B = rewards_Bx2[:, 0] - rewards_Bx2[:, 1]
         real_B = _real_pairs(batch)
         loss_sum = jnp.sum(dpo_losses(logratio_Bx2, beta, kind) * real_B)
         sums = {
-            "loss_sum": loss_sum,
-            "weight_sum": jnp.sum(real_B),
-            "z_sum": jnp.float32(0),
-            "accuracy_sum": jnp.sum((margin_B > 0) * real_B),
-            "reward_margin_sum": jnp.sum(margin_B * real_B),
+            **_pair_sums(loss_sum, rewards_Bx2, real_B),
             "chosen_reward_sum": jnp.sum(rewards_Bx2[:, 0] * real_B),
             "rejected_reward_sum": jnp.sum(rewards_Bx2[:, 1] * real_B),
         }
@@ -110,13 +118,8 @@ def reward_loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
         real_B = _real_pairs(batch)
         loss_sum = jnp.sum(bradley_terry_losses(rewards_Bx2) * real_B)
         center_sum = jnp.sum(jnp.square(rewards_Bx2[:, 0] + rewards_Bx2[:, 1]) * real_B)
-        margin_B = rewards_Bx2[:, 0] - rewards_Bx2[:, 1]
         sums = {
-            "loss_sum": loss_sum,
-            "weight_sum": jnp.sum(real_B),
-            "z_sum": jnp.float32(0),
-            "accuracy_sum": jnp.sum((margin_B > 0) * real_B),
-            "reward_margin_sum": jnp.sum(margin_B * real_B),
+            **_pair_sums(loss_sum, rewards_Bx2, real_B),
             "reward_mean_sum": jnp.sum(rewards_Bx2.mean(axis=1) * real_B),
         }
         return loss_sum + center * center_sum, sums
