@@ -57,3 +57,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not lines[-1].endswith("\n") and records and len(records) == len(lines):
         records.pop()  # complete-looking JSON, but the writer had not finished the line
     return records
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> str:
+    """Replace `path` with one JSON object per line (atomically, as write_atomic); returns the path."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    return os.fspath(path)

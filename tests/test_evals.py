@@ -341,3 +341,37 @@ def test_key_value_task_answers_are_given_only_in_the_prompt_and_it_scores(score
         assert ex.choice_scores[ex.choices.index(ex.answer)] == 1.0 and sum(ex.choice_scores) == 1.0
     metrics = harness.evaluate_task(scorer, task, 0)
     assert metrics["examples"] == 6 and 0.0 <= metrics["multiple_choice_grade"] <= 1.0
+
+
+def test_lm_eval_requests_score_like_the_full_forward_by_hand(cfg, params, tokenizer, scorer):
+    """lm-evaluation-harness's three request types (lm_eval itself is not installed here: requests
+    are plain objects with `.args`, as the harness's Instances are)."""
+    from types import SimpleNamespace
+
+    from lmjax.evals.eleuther import LmjaxRequests
+
+    requests = LmjaxRequests(scorer)
+    got = requests.loglikelihood([SimpleNamespace(args=r) for r in REQUESTS[:2]])
+    for (context, continuation), (logprob, greedy) in zip(REQUESTS, got):
+        expected, expected_greedy = by_hand(cfg, params, [tokenizer.eos_id] + tokenizer.encode(context),
+                                            tokenizer.encode(continuation))
+        assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-5) and greedy == expected_greedy
+
+    # Rolling: disjoint windows of MAX_LEN predicted tokens, each seeing only its own window.
+    long_text = "".join(CHARS[(7 * i) % 60] for i in range(2 * MAX_LEN + 9))
+    ids = [tokenizer.eos_id] + tokenizer.encode(long_text)
+    expected = sum(by_hand(cfg, params, ids[s - 1 : s], ids[s : s + MAX_LEN])[0] for s in range(1, len(ids), MAX_LEN))
+    short_text = "to be or not"
+    short = by_hand(cfg, params, [tokenizer.eos_id], tokenizer.encode(short_text))[0]
+    rolled = requests.loglikelihood_rolling([SimpleNamespace(args=(long_text,)), SimpleNamespace(args=(short_text,))])
+    assert rolled == pytest.approx([expected, short], rel=1e-5)
+
+    # Greedy generation, cut at the first stop string; sampling is refused.
+    prompt = "Q: 2+2=? A:"
+    greedy_text = tokenizer.decode(greedy_by_hand(cfg, params, [tokenizer.eos_id] + tokenizer.encode(prompt), 6))
+    stop = greedy_text[2:4]
+    out = requests.generate_until([SimpleNamespace(args=(prompt, {"until": [stop], "max_gen_toks": 6})),
+                                   SimpleNamespace(args=(prompt, {"until": "\x0b\x0c", "max_gen_toks": 6}))])
+    assert out == [greedy_text[: greedy_text.find(stop)], greedy_text.split("\x0b\x0c")[0]]
+    with pytest.raises(ValueError, match="sampling"):
+        requests.generate_until([SimpleNamespace(args=(prompt, {"do_sample": True, "temperature": 1.0}))])

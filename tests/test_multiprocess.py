@@ -79,20 +79,6 @@ def runs(tmp_path_factory):
     return directory, preset, reference
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one_with_the_same_devices(runs):
-    directory, preset, reference = runs
-    workdir = os.path.join(directory, "two_processes")
-    outputs = finish(start_pair(preset, workdir))
-    assert "final val loss" in outputs[0]
-    assert_same_run(records(reference), records(workdir))
-    with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)
-    assert summary["completed"] and summary["steps"] == STEPS
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == sorted(
-        os.listdir(os.path.join(reference, "checkpoints")))
-
-
 # A mesh whose tensor axis spans both processes (as tensor=8 spans the hosts of a v5e-16): the batch
 # is not split at all, so both processes must feed the same, whole batch.
 TENSOR_ACROSS_HOSTS = ("--config.mesh.data=1", "--config.mesh.tensor=4", "--config.model.num_heads=4",
@@ -112,7 +98,7 @@ def test_hosts_holding_the_same_rows_are_fed_the_same_rows(runs):
 
 
 @pytest.mark.slow
-def test_preempted_processes_stop_at_one_step_and_resume_to_the_same_run(runs):
+def test_preempted_processes_stop_at_one_step_and_resume_to_the_one_process_run(runs):
     directory, preset, reference = runs
     workdir = os.path.join(directory, "preempted")
     pair = start_pair(preset, workdir)
@@ -128,5 +114,14 @@ def test_preempted_processes_stop_at_one_step_and_resume_to_the_same_run(runs):
     assert stopped and 10 <= int(stopped[0]) < STEPS, output[-2000:]
     assert os.listdir(os.path.join(workdir, "checkpoints")).count(stopped[0]) == 1
     time.sleep(0.5)  # the coordinator's port is free again before the pair restarts
-    finish(start_pair(preset, workdir))
+    outputs = finish(start_pair(preset, workdir))
+    # Two processes with two devices each, stopped and resumed, trained exactly like one with four.
+    assert "final val loss" in outputs[0]
     assert_same_run(records(reference), records(workdir))
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["completed"] and summary["steps"] == STEPS
+    every_run = set(os.listdir(os.path.join(reference, "checkpoints")))
+    assert every_run == {str(s) for s in range(4, STEPS + 1, 4)[-3:]}  # checkpoint.every_steps=4, max_to_keep=3
+    newest = sorted({int(s) for s in every_run} | set(range(4, STEPS + 1, 4)) | {int(stopped[0])})[-3:]
+    assert set(os.listdir(os.path.join(workdir, "checkpoints"))) == {str(s) for s in newest}

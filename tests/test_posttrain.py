@@ -373,3 +373,58 @@ def test_kl_estimators_and_rewards_by_hand():
     controller = ppo.AdaptiveKLController(coef=0.1, target=6.0, horizon=100)
     assert controller.update(kl=12.0, steps=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped to 0.2
     assert controller.update(kl=5.4, steps=10) == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
+
+
+STDLIB_LIKE = '''
+import os
+
+
+class Chunk:
+    def getname(self):
+        """Return the name."""
+        return self.name
+
+    def skipped_no_docstring(self):
+        return 1
+
+    def skipped_docstring_only(self):
+        """Nothing else."""
+
+
+async def fetch(url,
+                timeout=3):
+    """Fetch `url`.
+
+    Waits at most `timeout` seconds.
+    """
+
+    # a comment, then code
+    return await get(url, timeout)
+'''
+
+
+def test_stdlib_functions_split_into_signature_and_body(tmp_path, monkeypatch):
+    from lmjax.posttrain import stdlib
+
+    examples = stdlib.function_examples(STDLIB_LIKE)
+    assert [e["prompt"].splitlines()[0] for e in examples] == ["def getname(self):", "async def fetch(url,"]
+    method, function = examples
+    assert method == {"prompt": 'def getname(self):\n    """Return the name."""\n', "response": "    return self.name\n"}
+    assert function["prompt"] + function["response"] == STDLIB_LIKE[STDLIB_LIKE.index("async def"):]
+    assert function["response"].startswith("\n    # a comment")
+    assert all(stdlib.parses(e["prompt"], e["response"]) for e in examples)
+    assert not stdlib.parses(method["prompt"], "    return (self.name\n")  # the judge rejects broken code
+    assert not stdlib.parses(method["prompt"], "")  # ...and a body that is only the docstring
+    assert not stdlib.parses(method["prompt"], "    return 1\nx = 2\n")  # ...and code past the function
+
+    # Split by file as the pystdlib source splits; a function copied into a training file leaves validation.
+    copy = "def copied(x):\n    \"\"\"Twice.\"\"\"\n    return 2 * x\n"
+    files = {"a.py": copy, "b.py": STDLIB_LIKE, "c.py": copy + "\n\n" + STDLIB_LIKE.replace("getname", "name")}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(stdlib.sources, "pystdlib_root", lambda: str(tmp_path))
+    monkeypatch.setattr(stdlib.sources, "pystdlib_split_files",
+                        lambda split, fraction: ["a.py", "b.py"] if split == "train" else ["c.py"])
+    train, validation = stdlib.train_and_validation(0.5)
+    assert [e["prompt"].split("(")[0] for e in train] == ["def copied", "def getname", "async def fetch"]
+    assert [e["prompt"].split("(")[0] for e in validation] == ["def name"]

@@ -1,5 +1,7 @@
 """`python -m lmjax.evals --workdir=DIR --tasks=PATH[,PATH] [--shots=0,1,5] [--all_checkpoints] [--induction]`.
 
+`--lm_eval_tasks=NAME[,NAME]` runs lm-evaluation-harness tasks through `lmjax.evals.eleuther`.
+
 Evaluates the newest checkpoint of a run (every one with --all_checkpoints) on BIG-bench JSON tasks
 or JSONL tasks, writes DIR/evals/<step>.json and prints a table. --induction adds the induction
 score of every checkpoint (DIR/evals/induction.json). The run's own config (stored with its
@@ -27,6 +29,8 @@ _ALL = flags.DEFINE_bool("all_checkpoints", False, "Evaluate every checkpoint of
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N examples of each task.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the demonstrations' choice and of the choices' order.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Rows per scoring batch.")
+_LM_EVAL = flags.DEFINE_list("lm_eval_tasks", [], "lm-evaluation-harness task names (needs `pip install lm_eval`).")
+_LM_EVAL_INCLUDE = flags.DEFINE_string("lm_eval_include", None, "A folder of extra lm-evaluation-harness task YAMLs.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -35,8 +39,8 @@ def _run() -> None:
         shots = [int(k) for k in _SHOTS.value]
     except ValueError:
         raise ValueError(f"--shots must be integers, got {','.join(_SHOTS.value)}") from None
-    if not _TASKS.value and not _INDUCTION.value:
-        raise ValueError("nothing to evaluate: give --tasks=PATH[,PATH] and/or --induction")
+    if not _TASKS.value and not _INDUCTION.value and not _LM_EVAL.value:
+        raise ValueError("nothing to evaluate: give --tasks=PATH[,PATH], --lm_eval_tasks=NAME[,NAME] and/or --induction")
     if _TASKS.value:
         results = harness.evaluate_workdir(
             _CONFIG.value, _WORKDIR.value, _TASKS.value, shots, all_checkpoints=_ALL.value, seed=_SEED.value,
@@ -45,6 +49,15 @@ def _run() -> None:
         print(harness.format_table(results))
         for step in results:
             print(f"wrote {harness.results_path(_WORKDIR.value, step)}")
+    if _LM_EVAL.value:
+        from lmjax.evals import eleuther
+        from lm_eval.utils import make_table
+
+        if len(shots) > 1:
+            raise ValueError(f"--lm_eval_tasks takes one --shots value, got {_SHOTS.value}")
+        results = eleuther.run(_WORKDIR.value, _LM_EVAL.value, num_fewshot=shots[0] if flags.FLAGS["shots"].present else None,
+                               limit=_LIMIT.value, batch_size=_BATCH.value, include_path=_LM_EVAL_INCLUDE.value)
+        print(make_table(results))
     if _INDUCTION.value:
         config = _CONFIG.value or harness.load_run_config(_WORKDIR.value)
         scores = induction.run_induction_scores(config, _WORKDIR.value, seed=_SEED.value)

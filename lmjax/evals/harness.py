@@ -195,6 +195,16 @@ def evaluate_workdir(config: config_dict.ConfigDict | None, workdir: str, task_p
     return out
 
 
+def open_scorer(workdir: str, config: config_dict.ConfigDict | None = None, *, batch_size: int = 16) -> Scorer:
+    """A scorer over the newest checkpoint of `workdir` (`config` None: the run's own)."""
+    workdir_lib.require_checkpoint(workdir)
+    config = load_run_config(workdir) if config is None else config
+    setup = workdir_lib.Setup(config, workdir)
+    restored = setup.restore(read_only=True)
+    return Scorer(setup.config.model, restored.state.params, setup.tokenizer, batch_size=batch_size,
+                  mesh=setup.mesh, rules=setup.rules)
+
+
 def format_table(results_by_step: dict[int, dict]) -> str:
     """One line per (step, task, shots): the metrics of TABLE_COLUMNS ('-' where a task has none)."""
     names = [name for step in results_by_step.values() for name in step]

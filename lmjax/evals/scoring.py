@@ -137,6 +137,15 @@ class Scorer:
         flush()
         return out
 
+    def score_ids(self, rows: Sequence[tuple[list[int], list[int]]]) -> list[Score]:
+        """Scores of (context ids, continuation ids) rows that already fit the context window."""
+        for c, x in rows:
+            if not c or len(c) + len(x) - 1 > self.max_len:
+                raise TooLongError(f"a row of {len(c)} context and {len(x)} continuation tokens does not fit "
+                                   f"max_len={self.max_len} (or has no context)")
+        return [s for start in range(0, len(rows), self.batch_size)
+                for s in self._score_rows(list(rows[start : start + self.batch_size]))]
+
     def _score_rows(self, rows: list[tuple[list[int], list[int]]]) -> list[Score]:
         B = max(self.batch_size, -(-len(rows) // self.row_multiple) * self.row_multiple)
         L = _bucket(max(len(c) + len(x) - 1 for c, x in rows), self.max_len)

@@ -7,11 +7,12 @@ trying the commands without any download. `judge` is the checker.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 from absl import app, flags
+
+from lmjax import fileio
 
 
 def _sums(count: int, seed: int, max_operand: int) -> list[tuple[str, int]]:
@@ -41,20 +42,13 @@ def judge(prompt: str, response: str) -> bool:
     return response.strip() == str(int(a) + int(b))
 
 
-def write_jsonl(path: str, records: list[dict]) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return path
-
-
 def write_all(out_dir: str, train: int = 512, evaluation: int = 64, max_operand: int = 20) -> dict[str, str]:
     """The four files (train and eval use different seeds); returns their paths by name."""
     return {
-        "sft_train": write_jsonl(os.path.join(out_dir, "sft_train.jsonl"), sft_examples(train, 0, max_operand)),
-        "sft_eval": write_jsonl(os.path.join(out_dir, "sft_eval.jsonl"), sft_examples(evaluation, 1, max_operand)),
-        "pairs_train": write_jsonl(os.path.join(out_dir, "pairs_train.jsonl"), preference_pairs(train, 2, max_operand)),
-        "pairs_eval": write_jsonl(os.path.join(out_dir, "pairs_eval.jsonl"), preference_pairs(evaluation, 3, max_operand)),
+        "sft_train": fileio.write_jsonl(os.path.join(out_dir, "sft_train.jsonl"), sft_examples(train, 0, max_operand)),
+        "sft_eval": fileio.write_jsonl(os.path.join(out_dir, "sft_eval.jsonl"), sft_examples(evaluation, 1, max_operand)),
+        "pairs_train": fileio.write_jsonl(os.path.join(out_dir, "pairs_train.jsonl"), preference_pairs(train, 2, max_operand)),
+        "pairs_eval": fileio.write_jsonl(os.path.join(out_dir, "pairs_eval.jsonl"), preference_pairs(evaluation, 3, max_operand)),
     }
 
 
