@@ -1,0 +1,389 @@
+"""Hugging Face GPT-2 and Llama checkpoints in and out of lmjax run directories.
+
+    python -m lmjax.interop.hf import --from=DIR_OR_REPO_ID --workdir=DIR [--tokenizer=auto]
+    python -m lmjax.interop.hf export --workdir=DIR --to=HF_DIR [--dtype=float32]
+
+`import` reads `config.json` and `model.safetensors` (or the shards of `model.safetensors.index.json`),
+downloading a Hub repo id through `huggingface_hub` when `--from` is not a local directory, and
+writes a run directory exactly as training does: the checked config and a step-0 orbax checkpoint
+(parameters in float32, a fresh optimizer state), so `lmjax.main --mode=eval|generate`, `lmjax.evals`
+and `lmjax.serve` open it as they open a trained run. The checkpoint's tokenizer files are kept in
+DIR/hf/ (and a SentencePiece `tokenizer.model` becomes the run's tokenizer). `export` writes the
+reverse: `config.json` and `model.safetensors` in the Hub's (PyTorch) layout, of any run whose model
+is a GPT-2 or a Llama, imported or trained here.
+
+Every check (architecture, tensor names, shapes against config.json) runs before anything is written,
+and the output directory is built beside its target and renamed into place: on any error nothing is
+left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_dict
+
+from lmjax import cli, fileio, model
+from lmjax import config as config_lib
+from lmjax.data import tokenizers
+from lmjax.interop import gpt2, llama
+from lmjax.interop.errors import (
+    InteropError, MissingTensorError, TensorShapeError, UnexpectedTensorError, UnknownModelTypeError,
+    UnsupportedConfigError,
+)
+from lmjax.train import checkpointing
+from lmjax.train import step as step_lib
+from lmjax.train import workdir as workdir_lib
+from lmjax.train.state import TrainState
+
+ARCHITECTURES: dict[str, ModuleType] = {gpt2.MODEL_TYPE: gpt2, llama.MODEL_TYPE: llama}
+WEIGHTS, WEIGHTS_INDEX, CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
+# What travels with the weights: kept in DIR/hf/ on import, written back by export.
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
+SOURCE_SUBDIR = "hf"
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _safetensors() -> ModuleType:
+    try:
+        import safetensors  # noqa: F401
+        import safetensors.numpy
+    except ImportError as e:
+        raise cli.UserError("reading and writing Hugging Face weights needs safetensors: "
+                            "pip install 'lmjax[hf]'") from e
+    return safetensors
+
+
+# --- reading a Hugging Face checkpoint --------------------------------------------------------------
+
+
+def resolve_source(source: str) -> str:
+    """The local directory of `source`: itself, or a Hub repo id's snapshot (downloaded once)."""
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        return path
+    if not _REPO_ID.match(source):
+        raise FileNotFoundError(f"--from={source}: no such directory (nor a Hub repo id such as openai-community/gpt2)")
+    try:
+        import huggingface_hub
+    except ImportError as e:
+        raise cli.UserError(f"--from={source} is not a local directory; downloading it from the Hugging Face Hub "
+                            "needs huggingface_hub: pip install 'lmjax[hf]'") from e
+    try:
+        return huggingface_hub.snapshot_download(
+            repo_id=source, allow_patterns=[CONFIG, WEIGHTS_INDEX, "*.safetensors", *SIDE_FILES])
+    except Exception as e:  # noqa: BLE001 - any failure of the download is reported as one
+        raise InteropError(f"--from={source} is not a local directory, and downloading it from the Hugging Face "
+                           f"Hub failed: {type(e).__name__}: {e}") from e
+
+
+def read_hf_config(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: a Hugging Face model directory has a config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def mapping_for(hf_config: dict, directory: str) -> ModuleType:
+    model_type = hf_config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UnknownModelTypeError(f"{os.path.join(directory, CONFIG)} has model_type={model_type!r}; lmjax "
+                                    f"imports only {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[model_type]
+
+
+def weight_files(directory: str) -> list[str]:
+    """`model.safetensors`, or the shards `model.safetensors.index.json` lists."""
+    index = os.path.join(directory, WEIGHTS_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(directory, name) for name in names]
+    else:
+        files = [os.path.join(directory, WEIGHTS)]
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist (only safetensors weights are read: a "
+                                    "pytorch_model.bin must be converted first)")
+    return files
+
+
+def read_tensors(directory: str, mapping: ModuleType, hf_config: dict, expected: dict) -> dict[str, np.ndarray]:
+    """The tensors `expected` names (name -> ShapeDtypeStruct), as float32 numpy arrays, after checking
+    names and shapes from the files' headers (nothing large is read from a file that fails)."""
+    safetensors = _safetensors()
+    found: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    for path in weight_files(directory):
+        with safetensors.safe_open(path, framework="np") as f:
+            for stored in f.keys():
+                name = mapping.hf_name(stored)
+                if name is None or (name == "lm_head.weight" and name not in expected):
+                    continue  # a buffer, or a tied head saved anyway: not a parameter of its own
+                found[name] = (path, stored, tuple(f.get_slice(stored).get_shape()))
+    implied = "config.json (" + ", ".join(f"{k}={hf_config.get(k, mapping.DEFAULTS[k])!r}" for k in mapping.SHAPE_KEYS) + ")"
+    missing = [name for name in expected if name not in found]
+    if missing:
+        raise MissingTensorError(f"the weights in {directory} lack {len(missing)} tensor(s) that {implied} implies: "
+                                 + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    unexpected = [found[name][1] for name in found if name not in expected]
+    if unexpected:
+        raise UnexpectedTensorError(f"the weights in {directory} hold {len(unexpected)} tensor(s) that {implied} "
+                                    "does not have: " + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
+    for name in sorted(found):
+        path, stored, shape = found[name]
+        if shape != expected[name].shape:
+            raise TensorShapeError(f"{stored} in {path} has shape {shape}, but {implied} implies {expected[name].shape}")
+    tensors = {}
+    for path in sorted({path for path, _, _ in found.values()}):
+        with safetensors.safe_open(path, framework="np") as f:
+            for name, (where, stored, _) in found.items():
+                if where == path:
+                    tensors[name] = f.get_tensor(stored).astype(np.float32)
+    return tensors
+
+
+# --- import -----------------------------------------------------------------------------------------
+
+
+def choose_tokenizer(requested: str, mapping: ModuleType, directory: str) -> str:
+    """`data.tokenizer` for the run: `requested`, or (auto) the checkpoint's SentencePiece model, or the
+    GPT-2 BPE for a GPT-2 when lmjax has it."""
+    has_spm = os.path.isfile(os.path.join(directory, "tokenizer.model"))
+    if requested == "auto":
+        if has_spm:
+            return "sentencepiece"
+        if mapping is gpt2 and "gpt2" in tokenizers.TOKENIZERS:
+            return "gpt2"
+        raise ValueError(f"{directory} has no SentencePiece tokenizer.model and lmjax has no tokenizer for this "
+                         f"{mapping.MODEL_TYPE} checkpoint's vocabulary: pass --tokenizer=byte to import the "
+                         "weights anyway (text then decodes ids 0-255 as bytes: for checking the weights only)")
+    if requested not in tokenizers.TOKENIZERS:
+        raise ValueError(f"--tokenizer={requested!r}: expected auto or one of {', '.join(tokenizers.TOKENIZERS)}")
+    if requested == "sentencepiece" and not has_spm:
+        raise ValueError(f"--tokenizer=sentencepiece, but {directory} has no tokenizer.model")
+    return requested
+
+
+def lmjax_config(hf_config: dict, mapping: ModuleType, source: str, tokenizer: str) -> config_dict.ConfigDict:
+    """The run's config: the defaults, the mapped architecture, float32, and the chosen tokenizer."""
+    config = config_lib.default_config()
+    config.name = f"hf:{source}"
+    config.model.update(mapping.model_config(hf_config))
+    config.model.update(dtype="float32", param_dtype="float32", dropout=0.0)
+    config.data.tokenizer = tokenizer
+    config.data.seq_len = min(int(config.model.max_len), 1024)
+    config_lib.check(config)
+    return config
+
+
+def abstract_params(config: config_dict.ConfigDict) -> Any:
+    """The run's parameter tree as float32 ShapeDtypeStructs (nothing is computed)."""
+    return nn.unbox(step_lib.abstract_params(config, model.Transformer(config.model)))
+
+
+def hf_shapes(mapping: ModuleType, config: config_dict.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """The Hugging Face tensors (name -> shape) of the model `config` describes."""
+    return jax.eval_shape(lambda params: mapping.to_hf(params, config.model), abstract_params(config))
+
+
+def from_hf(tensors: dict[str, np.ndarray], mapping: ModuleType, config: config_dict.ConfigDict) -> Any:
+    """lmjax params from float32 Hugging Face tensors (named as `mapping.to_hf` names them).
+
+    `to_hf` only reshapes, transposes and concatenates, so its linear transpose is its exact inverse:
+    one mapping per architecture serves both directions, bit for bit.
+    """
+    to_hf = lambda params: mapping.to_hf(params, config.model)  # noqa: E731
+    (params,) = jax.linear_transpose(to_hf, abstract_params(config))(tensors)
+    return jax.device_get(params)
+
+
+def import_checkpoint(source: str, workdir: str, tokenizer: str = "auto") -> config_dict.ConfigDict:
+    """Convert the Hugging Face checkpoint `source` (a directory or a Hub repo id) into the new run
+    directory `workdir`; returns the run's config."""
+    directory = resolve_source(source)
+    hf_config = read_hf_config(directory)
+    mapping = mapping_for(hf_config, directory)
+    config = lmjax_config(hf_config, mapping, source, choose_tokenizer(tokenizer, mapping, directory))
+    tensors = read_tensors(directory, mapping, hf_config, hf_shapes(mapping, config))
+    params = from_hf(tensors, mapping, config)
+    with new_directory(workdir) as building:
+        os.makedirs(os.path.join(building, SOURCE_SUBDIR))
+        for name in (CONFIG, *SIDE_FILES):
+            if os.path.isfile(os.path.join(directory, name)):
+                shutil.copyfile(os.path.join(directory, name), os.path.join(building, SOURCE_SUBDIR, name))
+        if config.data.tokenizer == "sentencepiece":  # the run's tokenizer (see workdir.TOKENIZER_FILE)
+            shutil.copyfile(os.path.join(directory, "tokenizer.model"),
+                            os.path.join(building, workdir_lib.TOKENIZER_FILE))
+        write_checkpoint(config, params, building)
+    return config
+
+
+def write_checkpoint(config: config_dict.ConfigDict, params: Any, workdir: str) -> None:
+    """Step 0 of a run of `config` holding `params`, saved as the trainer saves its steps: a fine-tuning
+    run on this workdir resumes from it with a fresh optimizer, at the start of its data."""
+    setup = workdir_lib.Setup(config, workdir)
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), setup.abstract_state.params)
+    have = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+    if want != have:
+        raise RuntimeError("the mapped parameters do not form the model's tree (a bug in lmjax.interop)")
+    params = jax.device_put(params, setup.state_shardings.params)
+    tx, _ = step_lib.make_tx(setup.config, step_lib.abstract_params(setup.config, setup.model))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(int(config.train.seed)))
+    state = jax.device_put(state, setup.state_shardings)
+    manager = checkpointing.make_manager(workdir, setup.config.checkpoint)
+    try:
+        # `config`, not setup.config: that one pins a tokenizer path inside the directory being built.
+        checkpointing.save(manager, 0, state, config=config_lib.to_json(config),
+                           data_state={"pipeline": {"batch": 0}, "wall_time_s": 0.0})
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+
+
+@contextlib.contextmanager
+def new_directory(path: str) -> Iterator[str]:
+    """A directory that appears at `path` complete or not at all: it is built in a sibling (the yielded
+    path) and renamed into place; on any error the sibling, and any parent made for it, are removed."""
+    if fileio.is_remote(path):
+        raise ValueError(f"{path}: write a local directory, then copy it to the bucket")
+    final = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(final) and not (os.path.isdir(final) and not os.listdir(final)):
+        raise ValueError(f"{path} exists and is not an empty directory: name a new one")
+    made, parent = None, os.path.dirname(final)  # made: the highest missing parent, created here
+    while not os.path.exists(parent):
+        made, parent = parent, os.path.dirname(parent)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    building = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial-{secrets.token_hex(4)}")
+    os.mkdir(building)  # not tempfile.mkdtemp, whose 0700 mode would become the run directory's
+    try:
+        yield building
+        if os.path.isdir(final):
+            os.rmdir(final)
+        os.rename(building, final)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+# --- export -----------------------------------------------------------------------------------------
+
+
+def mapping_of_model(m: Any, workdir: str) -> ModuleType:
+    """The architecture the lmjax model `m` (config.model) is an instance of."""
+    problems = {}
+    for mapping in ARCHITECTURES.values():
+        problems[mapping.MODEL_TYPE] = mapping.misfits(m)
+        if not problems[mapping.MODEL_TYPE]:
+            return mapping
+    raise UnsupportedConfigError(f"the model of {workdir} is neither a GPT-2 nor a Llama: "
+                                 + "; ".join(f"not {kind}: {', '.join(p)}" for kind, p in problems.items()))
+
+
+def unscanned(params: dict, m: Any) -> dict:
+    """`params` with a scanned stack of blocks (model.scan_layers) split into block_0 ... block_N-1."""
+    if "blocks" not in params:
+        return params
+    params = dict(params)
+    blocks = params.pop("blocks")
+    for i in range(m.num_layers):
+        params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+    return params
+
+
+def export_checkpoint(workdir: str, out: str, dtype: str = "float32") -> dict:
+    """Write the newest checkpoint of the run `workdir` to the new Hugging Face model directory `out`;
+    returns the config.json written."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype={dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
+    safetensors = _safetensors()
+    config = workdir_lib.saved_config(workdir)
+    mapping = mapping_of_model(config.model, workdir)
+    setup = workdir_lib.Setup(config, workdir)
+    restored = setup.restore(read_only=True)
+    m = setup.config.model
+    params = unscanned(jax.device_get(restored.state.params), m)
+    # Contiguous: safetensors writes an array's buffer as it lies, and a transpose is a strided view.
+    tensors = {name: np.ascontiguousarray(np.asarray(x).astype(jnp.dtype(dtype)))
+               for name, x in mapping.to_hf(params, m).items()}
+    source = os.path.join(workdir, SOURCE_SUBDIR)
+    base = read_hf_config(source) if os.path.isfile(os.path.join(source, CONFIG)) else {
+        key: value for key, value in (("bos_token_id", setup.tokenizer.bos_id), ("eos_token_id", setup.tokenizer.eos_id))
+        if value >= 0
+    }
+    hf_config = {**base, **mapping.hf_config(m), "torch_dtype": dtype}
+    with new_directory(out) as building:
+        safetensors.numpy.save_file(tensors, os.path.join(building, WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(building, CONFIG), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        for name in SIDE_FILES:
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(building, name))
+    return hf_config
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+COMMANDS = ("import", "export")
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs: importing this module defines none, so it
+    goes along with other entry points (whose --workdir it would clash with) in one process."""
+    flags.DEFINE_string("from", None, "import: a Hugging Face model directory, or a Hub repo id to download.")
+    flags.DEFINE_string("workdir", None, "import: the run directory to create; export: the run to export.")
+    flags.DEFINE_string("to", None, "export: the Hugging Face model directory to create.")
+    flags.DEFINE_string("tokenizer", "auto", "import: the run's data.tokenizer; auto: the checkpoint's SentencePiece "
+                        "tokenizer.model, or for GPT-2 lmjax's GPT-2 BPE where it has one.")
+    flags.DEFINE_enum("dtype", "float32", list(EXPORT_DTYPES), "export: dtype of the written tensors.")
+
+
+def _flag(name: str) -> Any:
+    value = flags.FLAGS[name].value
+    if value is None:
+        raise ValueError(f"--{name} is required")
+    return value
+
+
+def _run(command: str) -> None:
+    if command == "import":
+        source, workdir = _flag("from"), _flag("workdir")
+        config = import_checkpoint(source, workdir, _flag("tokenizer"))
+        print(f"imported {source} ({model.param_count(config.model):,} parameters, tokenizer "
+              f"{config.data.tokenizer}) into {workdir}\n"
+              f"  python -m lmjax.main --mode=generate --workdir={workdir} --prompt='...'")
+    else:
+        workdir, out = _flag("workdir"), _flag("to")
+        hf_config = export_checkpoint(workdir, out, _flag("dtype"))
+        print(f"exported {workdir} as a {hf_config['architectures'][0]} to {out}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"expected one command, import or export; got {' '.join(argv[1:]) or 'none'}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    cli.run(lambda: _run(argv[1]))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)
