@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from lmjax import config as config_lib
 from lmjax.data import tokenizers
-from lmjax.interop import errors, gpt2, hf, llama
+from lmjax.interop import errors, gpt2, hf, hub_files, llama
 from lmjax.model import Transformer
 from lmjax.train import checkpointing
 from lmjax.train import workdir as workdir_lib
@@ -44,7 +45,7 @@ LLAMA_CONFIG = {
 def gpt2_tensors(c: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A random GPT2LMHeadModel state dict: Conv1D weights [in, out], c_attn = [q | k | v]."""
     D, F, P = c["n_embd"], c["n_inner"], c["n_positions"]
-    w = lambda *shape: (0.3 * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
+    w = lambda *shape: (0.3 * rng.standard_normal(shape)).astype(np.float32)
     t = {"transformer.wte.weight": w(c["vocab_size"], D), "transformer.wpe.weight": w(P, D)}
     for i in range(c["n_layer"]):
         h = f"transformer.h.{i}."
@@ -66,7 +67,7 @@ def llama_tensors(c: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     E = c.get("head_dim") or D // c["num_attention_heads"]
     H, K = c["num_attention_heads"] * E, c["num_key_value_heads"] * E
     bias = c.get("attention_bias", False)
-    w = lambda *shape: (0.3 * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
+    w = lambda *shape: (0.3 * rng.standard_normal(shape)).astype(np.float32)
     t = {"model.embed_tokens.weight": w(c["vocab_size"], D), "model.norm.weight": 1 + w(D)}
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -104,14 +105,15 @@ def write_hf_dir(directory: str, config: dict, tensors: dict, shards: int = 1) -
 
 def read_hf_dir(directory: str) -> dict[str, np.ndarray]:
     tensors = {}
-    for path in hf.weight_files(directory):
+    for path in hub_files.weight_files(directory):
         tensors.update(safetensors.numpy.load_file(path))
     return tensors
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
 
 
 def restored_params(workdir: str):
@@ -196,6 +198,12 @@ def test_export_gives_back_the_checkpoint_and_reimports_bitwise(kind, sources, i
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_imported_run_carries_its_config_as_a_preset(kind, imported):
+    preset = config_lib.load(os.path.join(imported[kind], hf.PRESET_FILE))
+    assert config_lib.to_json(preset) == config_lib.to_json(workdir_lib.saved_config(imported[kind]))
+
+
 def test_generate_runs_on_an_imported_run_without_a_preset(imported):
     result = run_module("lmjax.main", "--mode=generate", f"--workdir={imported['gpt2']}", "--prompt=def f",
                         "--max_new_tokens=5", "--temperature=0")
@@ -242,7 +250,7 @@ def test_base_model_names_and_stored_masks_are_understood(sources, tmp_path):
     renamed["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
     directory = write_hf_dir(str(tmp_path / "base"), GPT2_CONFIG, renamed)
     config = hf.lmjax_config(GPT2_CONFIG, gpt2, "test", "byte")
-    read = hf.read_tensors(directory, gpt2, GPT2_CONFIG, hf.hf_shapes(gpt2, config))
+    read = hub_files.read_tensors(directory, gpt2, GPT2_CONFIG, hf.hf_shapes(gpt2, config))
     assert sorted(read) == sorted(tensors) and all(np.array_equal(read[n], tensors[n]) for n in tensors)
 
 
@@ -308,7 +316,7 @@ def test_tokenizer_choice_and_hub_download(sources, monkeypatch):
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo_id, **kw: calls.append((repo_id, kw)) or sources["gpt2"])
-    assert hf.resolve_source("someone/tiny-gpt2") == sources["gpt2"]
+    assert hub_files.resolve_source("someone/tiny-gpt2") == sources["gpt2"]
     assert calls[0][0] == "someone/tiny-gpt2" and "*.safetensors" in calls[0][1]["allow_patterns"]
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        hf.resolve_source("./not/a/dir")
+        hub_files.resolve_source("./not/a/dir")

@@ -19,13 +19,8 @@ left behind.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import re
-import secrets
 import shutil
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -36,126 +31,28 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_dict
 
-from lmjax import cli, fileio, model
+from lmjax import cli, model
 from lmjax import config as config_lib
 from lmjax.data import tokenizers
-from lmjax.interop import gpt2, llama
-from lmjax.interop.errors import (
-    InteropError, MissingTensorError, TensorShapeError, UnexpectedTensorError, UnknownModelTypeError,
-    UnsupportedConfigError,
-)
+from lmjax.interop import gpt2, hub_files, llama
+from lmjax.interop.errors import UnknownModelTypeError, UnsupportedConfigError
 from lmjax.train import checkpointing
 from lmjax.train import step as step_lib
 from lmjax.train import workdir as workdir_lib
 from lmjax.train.state import TrainState
 
 ARCHITECTURES: dict[str, ModuleType] = {gpt2.MODEL_TYPE: gpt2, llama.MODEL_TYPE: llama}
-WEIGHTS, WEIGHTS_INDEX, CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
-# What travels with the weights: kept in DIR/hf/ on import, written back by export.
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
-SOURCE_SUBDIR = "hf"
+SOURCE_SUBDIR = "hf"  # the checkpoint's config.json and tokenizer files, kept with the run
+PRESET_FILE = "config.py"
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def _safetensors() -> ModuleType:
-    try:
-        import safetensors  # noqa: F401
-        import safetensors.numpy
-    except ImportError as e:
-        raise cli.UserError("reading and writing Hugging Face weights needs safetensors: "
-                            "pip install 'lmjax[hf]'") from e
-    return safetensors
-
-
-# --- reading a Hugging Face checkpoint --------------------------------------------------------------
-
-
-def resolve_source(source: str) -> str:
-    """The local directory of `source`: itself, or a Hub repo id's snapshot (downloaded once)."""
-    path = os.path.expanduser(source)
-    if os.path.isdir(path):
-        return path
-    if not _REPO_ID.match(source):
-        raise FileNotFoundError(f"--from={source}: no such directory (nor a Hub repo id such as openai-community/gpt2)")
-    try:
-        import huggingface_hub
-    except ImportError as e:
-        raise cli.UserError(f"--from={source} is not a local directory; downloading it from the Hugging Face Hub "
-                            "needs huggingface_hub: pip install 'lmjax[hf]'") from e
-    try:
-        return huggingface_hub.snapshot_download(
-            repo_id=source, allow_patterns=[CONFIG, WEIGHTS_INDEX, "*.safetensors", *SIDE_FILES])
-    except Exception as e:  # noqa: BLE001 - any failure of the download is reported as one
-        raise InteropError(f"--from={source} is not a local directory, and downloading it from the Hugging Face "
-                           f"Hub failed: {type(e).__name__}: {e}") from e
-
-
-def read_hf_config(directory: str) -> dict:
-    path = os.path.join(directory, CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: a Hugging Face model directory has a config.json")
-    with open(path) as f:
-        return json.load(f)
 
 
 def mapping_for(hf_config: dict, directory: str) -> ModuleType:
     model_type = hf_config.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise UnknownModelTypeError(f"{os.path.join(directory, CONFIG)} has model_type={model_type!r}; lmjax "
-                                    f"imports only {', '.join(sorted(ARCHITECTURES))}")
+        raise UnknownModelTypeError(f"{os.path.join(directory, hub_files.CONFIG)} has model_type={model_type!r}; "
+                                    f"lmjax imports only {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[model_type]
-
-
-def weight_files(directory: str) -> list[str]:
-    """`model.safetensors`, or the shards `model.safetensors.index.json` lists."""
-    index = os.path.join(directory, WEIGHTS_INDEX)
-    if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(directory, name) for name in names]
-    else:
-        files = [os.path.join(directory, WEIGHTS)]
-    for path in files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} does not exist (only safetensors weights are read: a "
-                                    "pytorch_model.bin must be converted first)")
-    return files
-
-
-def read_tensors(directory: str, mapping: ModuleType, hf_config: dict, expected: dict) -> dict[str, np.ndarray]:
-    """The tensors `expected` names (name -> ShapeDtypeStruct), as float32 numpy arrays, after checking
-    names and shapes from the files' headers (nothing large is read from a file that fails)."""
-    safetensors = _safetensors()
-    found: dict[str, tuple[str, str, tuple[int, ...]]] = {}
-    for path in weight_files(directory):
-        with safetensors.safe_open(path, framework="np") as f:
-            for stored in f.keys():
-                name = mapping.hf_name(stored)
-                if name is None or (name == "lm_head.weight" and name not in expected):
-                    continue  # a buffer, or a tied head saved anyway: not a parameter of its own
-                found[name] = (path, stored, tuple(f.get_slice(stored).get_shape()))
-    implied = "config.json (" + ", ".join(f"{k}={hf_config.get(k, mapping.DEFAULTS[k])!r}" for k in mapping.SHAPE_KEYS) + ")"
-    missing = [name for name in expected if name not in found]
-    if missing:
-        raise MissingTensorError(f"the weights in {directory} lack {len(missing)} tensor(s) that {implied} implies: "
-                                 + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
-    unexpected = [found[name][1] for name in found if name not in expected]
-    if unexpected:
-        raise UnexpectedTensorError(f"the weights in {directory} hold {len(unexpected)} tensor(s) that {implied} "
-                                    "does not have: " + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
-    for name in sorted(found):
-        path, stored, shape = found[name]
-        if shape != expected[name].shape:
-            raise TensorShapeError(f"{stored} in {path} has shape {shape}, but {implied} implies {expected[name].shape}")
-    tensors = {}
-    for path in sorted({path for path, _, _ in found.values()}):
-        with safetensors.safe_open(path, framework="np") as f:
-            for name, (where, stored, _) in found.items():
-                if where == path:
-                    tensors[name] = f.get_tensor(stored).astype(np.float32)
-    return tensors
 
 
 # --- import -----------------------------------------------------------------------------------------
@@ -208,7 +105,7 @@ def from_hf(tensors: dict[str, np.ndarray], mapping: ModuleType, config: config_
     `to_hf` only reshapes, transposes and concatenates, so its linear transpose is its exact inverse:
     one mapping per architecture serves both directions, bit for bit.
     """
-    to_hf = lambda params: mapping.to_hf(params, config.model)  # noqa: E731
+    to_hf = lambda params: mapping.to_hf(params, config.model)
     (params,) = jax.linear_transpose(to_hf, abstract_params(config))(tensors)
     return jax.device_get(params)
 
@@ -216,22 +113,45 @@ def from_hf(tensors: dict[str, np.ndarray], mapping: ModuleType, config: config_
 def import_checkpoint(source: str, workdir: str, tokenizer: str = "auto") -> config_dict.ConfigDict:
     """Convert the Hugging Face checkpoint `source` (a directory or a Hub repo id) into the new run
     directory `workdir`; returns the run's config."""
-    directory = resolve_source(source)
-    hf_config = read_hf_config(directory)
+    directory = hub_files.resolve_source(source)
+    hf_config = hub_files.read_config(directory)
     mapping = mapping_for(hf_config, directory)
     config = lmjax_config(hf_config, mapping, source, choose_tokenizer(tokenizer, mapping, directory))
-    tensors = read_tensors(directory, mapping, hf_config, hf_shapes(mapping, config))
+    tensors = hub_files.read_tensors(directory, mapping, hf_config, hf_shapes(mapping, config))
     params = from_hf(tensors, mapping, config)
-    with new_directory(workdir) as building:
+    with hub_files.new_directory(workdir) as building:
         os.makedirs(os.path.join(building, SOURCE_SUBDIR))
-        for name in (CONFIG, *SIDE_FILES):
+        for name in (hub_files.CONFIG, *hub_files.SIDE_FILES):
             if os.path.isfile(os.path.join(directory, name)):
                 shutil.copyfile(os.path.join(directory, name), os.path.join(building, SOURCE_SUBDIR, name))
         if config.data.tokenizer == "sentencepiece":  # the run's tokenizer (see workdir.TOKENIZER_FILE)
             shutil.copyfile(os.path.join(directory, "tokenizer.model"),
                             os.path.join(building, workdir_lib.TOKENIZER_FILE))
+        with open(os.path.join(building, PRESET_FILE), "w") as f:
+            f.write(preset(config, source, workdir))
         write_checkpoint(config, params, building)
     return config
+
+
+def preset(config: config_dict.ConfigDict, source: str, workdir: str) -> str:
+    """The run's config as a preset file: what differs from the defaults, for `--config=` (to fine-tune,
+    or to override a key for an evaluation)."""
+    defaults = config_lib.to_json(config_lib.default_config())
+    current = config_lib.to_json(config)
+    changed = {section: {key: value for key, value in current[section].items() if value != defaults[section][key]}
+               for section in ("model", "data")}
+    return (
+        f'"""The run imported from {source} by lmjax.interop.hf, as a preset. To fine-tune it:\n'
+        f'python -m lmjax.main --config={os.path.join(workdir, PRESET_FILE)} --workdir={workdir} '
+        f'--config.data.source=...\n"""\n\n'
+        "from lmjax.config import default_config\n\n\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        f"    c.name = {config.name!r}\n"
+        f"    c.model.update({changed['model']!r})\n"
+        f"    c.data.update({changed['data']!r})\n"
+        "    return c\n"
+    )
 
 
 def write_checkpoint(config: config_dict.ConfigDict, params: Any, workdir: str) -> None:
@@ -255,33 +175,6 @@ def write_checkpoint(config: config_dict.ConfigDict, params: Any, workdir: str) 
         manager.wait_until_finished()
     finally:
         manager.close()
-
-
-@contextlib.contextmanager
-def new_directory(path: str) -> Iterator[str]:
-    """A directory that appears at `path` complete or not at all: it is built in a sibling (the yielded
-    path) and renamed into place; on any error the sibling, and any parent made for it, are removed."""
-    if fileio.is_remote(path):
-        raise ValueError(f"{path}: write a local directory, then copy it to the bucket")
-    final = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(final) and not (os.path.isdir(final) and not os.listdir(final)):
-        raise ValueError(f"{path} exists and is not an empty directory: name a new one")
-    made, parent = None, os.path.dirname(final)  # made: the highest missing parent, created here
-    while not os.path.exists(parent):
-        made, parent = parent, os.path.dirname(parent)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    building = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial-{secrets.token_hex(4)}")
-    os.mkdir(building)  # not tempfile.mkdtemp, whose 0700 mode would become the run directory's
-    try:
-        yield building
-        if os.path.isdir(final):
-            os.rmdir(final)
-        os.rename(building, final)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
-        raise
 
 
 # --- export -----------------------------------------------------------------------------------------
@@ -314,27 +207,22 @@ def export_checkpoint(workdir: str, out: str, dtype: str = "float32") -> dict:
     returns the config.json written."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype={dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
-    safetensors = _safetensors()
     config = workdir_lib.saved_config(workdir)
     mapping = mapping_of_model(config.model, workdir)
     setup = workdir_lib.Setup(config, workdir)
     restored = setup.restore(read_only=True)
     m = setup.config.model
     params = unscanned(jax.device_get(restored.state.params), m)
-    # Contiguous: safetensors writes an array's buffer as it lies, and a transpose is a strided view.
-    tensors = {name: np.ascontiguousarray(np.asarray(x).astype(jnp.dtype(dtype)))
-               for name, x in mapping.to_hf(params, m).items()}
+    tensors = {name: np.asarray(x).astype(jnp.dtype(dtype)) for name, x in mapping.to_hf(params, m).items()}
     source = os.path.join(workdir, SOURCE_SUBDIR)
-    base = read_hf_config(source) if os.path.isfile(os.path.join(source, CONFIG)) else {
+    base = hub_files.read_config(source) if os.path.isfile(os.path.join(source, hub_files.CONFIG)) else {
         key: value for key, value in (("bos_token_id", setup.tokenizer.bos_id), ("eos_token_id", setup.tokenizer.eos_id))
         if value >= 0
     }
     hf_config = {**base, **mapping.hf_config(m), "torch_dtype": dtype}
-    with new_directory(out) as building:
-        safetensors.numpy.save_file(tensors, os.path.join(building, WEIGHTS), metadata={"format": "pt"})
-        with open(os.path.join(building, CONFIG), "w") as f:
-            json.dump(hf_config, f, indent=2, sort_keys=True)
-        for name in SIDE_FILES:
+    with hub_files.new_directory(out) as building:
+        hub_files.write(building, hf_config, tensors)
+        for name in hub_files.SIDE_FILES:
             if os.path.isfile(os.path.join(source, name)):
                 shutil.copyfile(os.path.join(source, name), os.path.join(building, name))
     return hf_config
