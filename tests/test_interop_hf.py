@@ -9,6 +9,7 @@ the Hugging Face model definitions, not from lmjax's mapping.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 import safetensors.numpy
 
 from lmjax import config as config_lib
+from lmjax import model
 from lmjax.data import tokenizers
 from lmjax.interop import errors, gpt2, hf, hub_files, llama
 from lmjax.model import Transformer
@@ -116,7 +118,9 @@ def run_module(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, check=False)
 
 
+@functools.lru_cache(maxsize=None)
 def restored_params(workdir: str):
+    """(config, params) of the run's newest checkpoint, read as `--mode=generate` reads it."""
     config = workdir_lib.saved_config(workdir)
     return config, workdir_lib.Setup(config, workdir).restore(read_only=True).state.params
 
@@ -320,3 +324,13 @@ def test_tokenizer_choice_and_hub_download(sources, monkeypatch):
     assert calls[0][0] == "someone/tiny-gpt2" and "*.safetensors" in calls[0][1]["allow_patterns"]
     with pytest.raises(FileNotFoundError, match="no such directory"):
         hub_files.resolve_source("./not/a/dir")
+
+
+def test_gpt2_small_config_is_the_gpt2_124m_preset():
+    """config.json's defaults are GPT-2 small: the import gives configs/gpt2_124m.py's model."""
+    imported_model = hf.lmjax_config({"model_type": "gpt2"}, gpt2, "openai-community/gpt2", "byte").model
+    preset_model = config_lib.load("configs/gpt2_124m.py").model
+    assert model.param_count(imported_model) == model.param_count(preset_model) == 124_439_808
+    differing = {key for key in preset_model if imported_model[key] != preset_model[key]}
+    assert differing == {"mlp_dim"}  # explicit 3072 here, mlp_ratio 4 there
+    assert imported_model.mlp_dim == 4 * preset_model.embed_dim
