@@ -118,7 +118,7 @@ def run_module(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, check=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def restored_params(workdir: str):
     """(config, params) of the run's newest checkpoint, read as `--mode=generate` reads it."""
     config = workdir_lib.saved_config(workdir)
