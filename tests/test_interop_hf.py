@@ -334,3 +334,17 @@ def test_gpt2_small_config_is_the_gpt2_124m_preset():
     differing = {key for key in preset_model if imported_model[key] != preset_model[key]}
     assert differing == {"mlp_dim"}  # explicit 3072 here, mlp_ratio 4 there
     assert imported_model.mlp_dim == 4 * preset_model.embed_dim
+
+
+def test_half_precision_weights_are_read_exactly_as_float32(sources, tmp_path):
+    """Hub checkpoints are often bfloat16 or float16: read into float32 params with no rounding."""
+    config = hf.lmjax_config(GPT2_CONFIG, gpt2, "test", "byte")
+    expected = hf.hf_shapes(gpt2, config)
+    for dtype in (jax.numpy.bfloat16, np.float16):
+        half = {name: t.astype(dtype) for name, t in read_hf_dir(sources["gpt2"]).items()}
+        directory = str(tmp_path / np.dtype(dtype).name)
+        os.makedirs(directory)
+        hub_files.write(directory, GPT2_CONFIG, half)
+        read = hub_files.read_tensors(directory, gpt2, GPT2_CONFIG, expected)
+        for name, t in half.items():
+            assert read[name].dtype == np.float32 and np.array_equal(read[name], t.astype(np.float32)), name
