@@ -227,7 +227,8 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_mapping_round_trips_every_variant_and_scanned_runs(variant):
     """Tied and untied heads, biases, head_dim != D/H: the Hub's names and shapes, and
-    from_hf(to_hf(p)) == p exactly; a scanned run's params export like the unscanned ones."""
+    from_hf(to_hf(p)) == p exactly; padded vocabulary rows and a scanned run's stacked blocks export
+    like the plain params."""
     mapping, hf_config = VARIANTS[variant]
     make = gpt2_tensors if mapping is gpt2 else llama_tensors
     hub = make({**hf_config, "n_inner": hf_config.get("n_inner") or 4 * 32}, np.random.default_rng(2))
@@ -240,6 +241,11 @@ def test_mapping_round_trips_every_variant_and_scanned_runs(variant):
     if mapping is llama:
         m = config.model
         assert (m.rope_scaling, m.rope_scaling_factor, m.head_dim, m.use_bias) == ("linear", 4.0, 16, True)
+    padded = dict(params, embedding=np.pad(params["embedding"], ((0, 8), (0, 0)), constant_values=7.0))
+    if "head" in params:
+        padded["head"] = np.pad(params["head"], ((0, 0), (0, 8)), constant_values=7.0)
+    back = mapping.to_hf(padded, config.model)  # rows past the vocabulary (lane padding) are dropped
+    assert all(np.array_equal(np.asarray(back[name]), hub[name]) for name in hub)
     blocks = [params.pop(f"block_{i}") for i in range(config.model.num_layers)]
     scanned = {**params, "blocks": jax.tree.map(lambda *x: np.stack(x), *blocks)}
     config.model.scan_layers = True
@@ -326,14 +332,14 @@ def test_tokenizer_choice_and_hub_download(sources, monkeypatch):
         hub_files.resolve_source("./not/a/dir")
 
 
-def test_gpt2_small_config_is_the_gpt2_124m_preset():
-    """config.json's defaults are GPT-2 small: the import gives configs/gpt2_124m.py's model."""
-    imported_model = hf.lmjax_config({"model_type": "gpt2"}, gpt2, "openai-community/gpt2", "byte").model
-    preset_model = config_lib.load("configs/gpt2_124m.py").model
-    assert model.param_count(imported_model) == model.param_count(preset_model) == 124_439_808
-    differing = {key for key in preset_model if imported_model[key] != preset_model[key]}
-    assert differing == {"mlp_dim"}  # explicit 3072 here, mlp_ratio 4 there
-    assert imported_model.mlp_dim == 4 * preset_model.embed_dim
+def test_gpt2_small_config_is_gpt2_124m():
+    """config.json's defaults are GPT-2 small: the import gives its published shape and size."""
+    m = hf.lmjax_config({"model_type": "gpt2"}, gpt2, "openai-community/gpt2", "byte").model
+    preset = config_lib.load("configs/gpt2_124m.py").model
+    for key in ("num_layers", "embed_dim", "num_heads", "vocab_size", "max_len", "position", "mlp", "norm",
+                "tie_embeddings", "use_bias"):
+        assert m[key] == preset[key], key
+    assert m.mlp_dim == 4 * m.embed_dim and model.param_count(m) == 124_439_808
 
 
 def test_half_precision_weights_are_read_exactly_as_float32(sources, tmp_path):

@@ -95,9 +95,11 @@ def hf_name(name: str) -> str | None:
 
 
 def to_hf(params: dict, m: Any) -> dict:
-    """lmjax params (unscanned) -> Hugging Face GPT-2 tensors by name. Only moves numbers."""
+    """lmjax params (unscanned) -> Hugging Face GPT-2 tensors by name. Only moves numbers
+    (and drops any embedding rows past the vocabulary: padding for accelerator lanes)."""
     D, N = m.embed_dim, m.num_layers
-    t = {"transformer.wte.weight": params["embedding"], "transformer.wpe.weight": params["pos_embedding"]}
+    t = {"transformer.wte.weight": params["embedding"][: m.vocab_size],
+         "transformer.wpe.weight": params["pos_embedding"]}
     for i in range(N):
         block, prefix = params[f"block_{i}"], f"transformer.h.{i}."
         attn, mlp = block["attn"], block["mlp"]
@@ -115,5 +117,5 @@ def to_hf(params: dict, m: Any) -> dict:
     t["transformer.ln_f.weight"] = params["final_norm"]["scale"]
     t["transformer.ln_f.bias"] = params["final_norm"]["bias"]
     if not m.tie_embeddings:
-        t["lm_head.weight"] = params["head"].T
+        t["lm_head.weight"] = params["head"].T[: m.vocab_size]
     return t

@@ -102,8 +102,9 @@ def hf_shapes(mapping: ModuleType, config: config_dict.ConfigDict) -> dict[str, 
 def from_hf(tensors: dict[str, np.ndarray], mapping: ModuleType, config: config_dict.ConfigDict) -> Any:
     """lmjax params from float32 Hugging Face tensors (named as `mapping.to_hf` names them).
 
-    `to_hf` only reshapes, transposes and concatenates, so its linear transpose is its exact inverse:
-    one mapping per architecture serves both directions, bit for bit.
+    `to_hf` only reshapes, transposes, concatenates and slices (padding rows, which an import never
+    has), so its linear transpose is its exact inverse: one mapping per architecture serves both
+    directions, bit for bit.
     """
     to_hf = lambda params: mapping.to_hf(params, config.model)
     (params,) = jax.linear_transpose(to_hf, abstract_params(config))(tensors)

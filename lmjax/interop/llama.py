@@ -104,9 +104,11 @@ def hf_name(name: str) -> str | None:
 
 
 def to_hf(params: dict, m: Any) -> dict:
-    """lmjax params (unscanned) -> Hugging Face Llama tensors by name. Only moves numbers."""
+    """lmjax params (unscanned) -> Hugging Face Llama tensors by name. Only moves numbers
+    (and drops any embedding rows past the vocabulary: padding for accelerator lanes)."""
     D = m.embed_dim
-    t = {"model.embed_tokens.weight": params["embedding"], "model.norm.weight": params["final_norm"]["scale"]}
+    t = {"model.embed_tokens.weight": params["embedding"][: m.vocab_size],
+         "model.norm.weight": params["final_norm"]["scale"]}
 
     def linear(name: str, kernel_Ix: Any, bias: Any, inputs: int) -> None:
         t[name + ".weight"] = kernel_Ix.reshape(inputs, -1).T  # [in..., out...] -> [out, in]
@@ -125,5 +127,5 @@ def to_hf(params: dict, m: Any) -> dict:
             inputs = D if ours != "down" else mlp_dim(m)
             linear(f"{prefix}mlp.{theirs}", mlp[ours]["kernel"], mlp[ours].get("bias"), inputs)
     if not m.tie_embeddings:
-        t["lm_head.weight"] = params["head"].T
+        t["lm_head.weight"] = params["head"].T[: m.vocab_size]
     return t
