@@ -7,14 +7,15 @@
 downloading a Hub repo id through `huggingface_hub` when `--from` is not a local directory, and
 writes a run directory exactly as training does: the checked config and a step-0 orbax checkpoint
 (parameters in float32, a fresh optimizer state), so `lmjax.main --mode=eval|generate`, `lmjax.evals`
-and `lmjax.serve` open it as they open a trained run. The checkpoint's tokenizer files are kept in
-DIR/hf/ (and a SentencePiece `tokenizer.model` becomes the run's tokenizer). `export` writes the
+and `lmjax.serve` open it as they open a trained run; DIR/config.py holds the config as a preset (to
+fine-tune). The checkpoint's config.json and tokenizer files are kept in DIR/hf/ (a SentencePiece
+`tokenizer.model` also becomes the run's tokenizer). `export` writes the
 reverse: `config.json` and `model.safetensors` in the Hub's (PyTorch) layout, of any run whose model
 is a GPT-2 or a Llama, imported or trained here.
 
-Every check (architecture, tensor names, shapes against config.json) runs before anything is written,
-and the output directory is built beside its target and renamed into place: on any error nothing is
-left behind.
+Every check (architecture, tensor names, shapes against config.json: see hub_files.py) runs before
+anything is written, and the output directory is built beside its target and renamed into place: on
+any error nothing is left behind.
 """
 
 from __future__ import annotations
