@@ -39,8 +39,8 @@ GPT2_CONFIG = {
 LLAMA_CONFIG = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": V, "hidden_size": 32,
     "intermediate_size": 80, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-    "tie_word_embeddings": False,
+    "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
+    "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "tie_word_embeddings": False,
 }
 
 
@@ -151,15 +151,31 @@ def imported(sources, tmp_path_factory) -> dict[str, str]:
     return runs
 
 
-def transformers_logits(kind: str, directory: str, tokens_BxL: np.ndarray) -> np.ndarray:
+def rope_table(config: dict):
+    """transformers' Flax Llama builds its rotary table with theta 10,000 and no scaling whatever the
+    config says; this one follows its PyTorch Llama (inverse frequencies theta^(-2i/E), divided by
+    the factor of `linear` scaling), in the Flax model's [positions, 1, sin | cos] layout."""
+
+    def table(num_positions: int, dim: int):
+        inv_freq = 1.0 / config["rope_theta"] ** (np.arange(0, dim, 2) / dim) / config["rope_scaling"]["factor"]
+        angles = np.concatenate([np.outer(np.arange(num_positions), inv_freq)] * 2, axis=-1).astype(np.float32)
+        return jax.numpy.asarray(np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)[:, None, :])
+
+    return table
+
+
+def transformers_logits(kind: str, directory: str, tokens_BxL: np.ndarray, monkeypatch) -> np.ndarray:
     """transformers' Flax model on the checkpoint, its weights converted by transformers itself."""
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+    from transformers.models.llama import modeling_flax_llama
 
     model_class, config_class = {
         "gpt2": (transformers.FlaxGPT2LMHeadModel, transformers.GPT2Config),
         "llama": (transformers.FlaxLlamaForCausalLM, transformers.LlamaConfig),
     }[kind]
+    if kind == "llama":
+        monkeypatch.setattr(modeling_flax_llama, "create_sinusoidal_positions", rope_table(LLAMA_CONFIG))
     model = model_class(config_class.from_pretrained(directory), _do_init=False)
     # The converter reads only the model's prefix and parameter shapes: the abstract tree spares an
     # eager random initialization that costs seconds.
@@ -169,9 +185,9 @@ def transformers_logits(kind: str, directory: str, tokens_BxL: np.ndarray) -> np
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_imported_logits_match_transformers(kind, sources, imported):
+def test_imported_logits_match_transformers(kind, sources, imported, monkeypatch):
     tokens_BxL = np.random.default_rng(1).integers(0, V, (2, 24), dtype=np.int32)
-    expected = transformers_logits(kind, sources[kind], tokens_BxL)
+    expected = transformers_logits(kind, sources[kind], tokens_BxL, monkeypatch)
     config, params = restored_params(imported[kind])
     logits = np.asarray(jax.jit(Transformer(config.model).apply)({"params": params}, tokens_BxL))
     assert np.abs(logits).max() > 1.0  # not a degenerate comparison
