@@ -142,10 +142,13 @@ def sources(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def imported(sources, tmp_path_factory) -> dict[str, str]:
-    """The two checkpoints imported into new run directories."""
+    """The two checkpoints imported into new run directories: GPT-2 by the command, Llama in-process."""
     root = tmp_path_factory.mktemp("runs")
     runs = {"gpt2": str(root / "gpt2"), "llama": str(root / "llama")}
-    hf.import_checkpoint(sources["gpt2"], runs["gpt2"], tokenizer="byte")
+    result = run_module("lmjax.interop.hf", "import", f"--from={sources['gpt2']}", f"--workdir={runs['gpt2']}",
+                        "--tokenizer=byte")
+    assert result.returncode == 0, result.stderr
+    assert f"{sum(t.size for t in read_hf_dir(sources['gpt2']).values()):,} parameters" in result.stdout
     config = hf.import_checkpoint(sources["llama"], runs["llama"])
     assert config.data.tokenizer == "sentencepiece"  # auto: the checkpoint's own tokenizer.model
     return runs
