@@ -1,7 +1,9 @@
 """`python -m lmjax.main --config=configs/gpt_small.py --workdir=DIR [--mode=train|eval|generate]`.
 
 Parses flags and calls the library; nothing else happens here. Any key of the config can be
-overridden on the command line: `--config.train.steps=200 --config.model.position=rope`.
+overridden on the command line: `--config.train.steps=200 --config.model.position=rope`. Eval and
+generate may leave out --config: the run's stored config is used (a run imported with
+`lmjax.interop.hf` has no preset file).
 
 Mistakes end the command with one `error:` line and exit code 1 (2 for flag errors) before any
 file is written: an unknown config key (with the keys that do exist), a bad value (with the valid
@@ -16,8 +18,11 @@ from ml_collections import config_flags
 from lmjax import cli
 from lmjax.infer import quantization, sampling, speculative
 from lmjax.train import trainer, validation
+from lmjax.train import workdir as workdir_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Preset file, e.g. configs/gpt_small.py.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Preset file, e.g. configs/gpt_small.py; eval, generate: default the run's stored config.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, summary.json.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "Train (or resume), evaluate, or sample.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeat the flag for several).")
@@ -33,7 +38,7 @@ _DRAFT_CONFIG = config_flags.DEFINE_config_file(
     "draft_config", None, "generate: the draft model's preset, for speculative decoding.", lock_config=True)
 _DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "generate: the draft model's run (same tokenizer).")
 _GAMMA = flags.DEFINE_integer("gamma", 4, "generate with a draft: tokens the draft proposes per target pass.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def _prompts() -> list[str]:
@@ -48,6 +53,10 @@ def _prompts() -> list[str]:
 
 def _run() -> None:
     config, workdir = _CONFIG.value, _WORKDIR.value
+    if config is None:
+        if _MODE.value == "train":
+            raise ValueError("--mode=train needs --config (a preset file, e.g. configs/gpt_small.py)")
+        config = workdir_lib.saved_config(workdir)
     if _MODE.value == "train":
         trainer.train(config, workdir)
     elif _MODE.value == "eval":
