@@ -8,7 +8,7 @@ in-context BM25 retrieval (Ram et al. 2023) and kNN-LM (Khandelwal et al. 2020),
 
 Beside the three modes, a control: in-context with passages drawn at random from the same
 collection, so that what retrieval adds is told apart from what giving up context for passages
-costs. Writes retrieval_lm.md (and the held-out lambda curve, retrieval_lm_knnlm.png) to --out.
+costs; and both again with half the context budget for passages. Writes retrieval_lm.md (and the held-out lambda curve, retrieval_lm_knnlm.png) to --out.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ import numpy as np
 
 from lmjax.retrieval import evaluate
 from lmjax.train import workdir as workdir_lib
+
+
+SMALL_BUDGET = 32  # the second in-context setting: passages of 31 tokens + EOS
 
 
 class RandomRetriever:
@@ -54,23 +57,30 @@ def main() -> None:
     options = dataclasses.replace(defaults, num_windows=args.num_windows, datastore_tokens=args.datastore_tokens,
                                   passage_tokens=args.passage_tokens, chunk_tokens=args.chunk_tokens)
 
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[1]
     evaluator = evaluate.RunEvaluator(workdir_lib.saved_config(args.workdir), args.workdir, options)
+    small = {"chunk_tokens": SMALL_BUDGET - 1, "passage_tokens": SMALL_BUDGET}
+    runs = {
+        "none": evaluator.none,
+        "incontext": evaluator.incontext,
+        "incontext_random": lambda: evaluator.incontext(RandomRetriever(results["incontext"]["passages"], 0)),
+        "incontext_small": lambda: evaluator.incontext(**small),
+        "incontext_small_random": lambda: evaluator.incontext(
+            RandomRetriever(results["incontext_small"]["passages"], 0), **small),
+        "knnlm": evaluator.knnlm,
+    }
     results, seconds = {}, {}
-    for name, run in (("none", evaluator.none), ("incontext", evaluator.incontext),
-                      ("incontext_random", None), ("knnlm", evaluator.knnlm)):
+    for name, run in runs.items():
         t0 = time.perf_counter()
-        if name == "incontext_random":
-            results[name] = evaluator.incontext(RandomRetriever(results["incontext"]["passages"], options.seed))
-        else:
-            results[name] = run()
+        results[name] = run()
         seconds[name] = time.perf_counter() - t0
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "heldout_grid"}), flush=True)
     total = time.perf_counter() - start
-    write_report(args, evaluator, options, results, seconds, total)
+    load = (load_before, os.getloadavg()[1])
+    write_report(args, evaluator, options, results, seconds, total, load)
 
 
-def write_report(args, evaluator, options, results, seconds, total) -> None:
+def write_report(args, evaluator, options, results, seconds, total, load) -> None:
     os.makedirs(args.out, exist_ok=True)
     grid = results["knnlm"]["heldout_grid"]
     temperatures = sorted({g["temperature"] for g in grid})
@@ -92,6 +102,8 @@ def write_report(args, evaluator, options, results, seconds, total) -> None:
         "none": "no retrieval",
         "incontext": f"in-context, BM25 top-{options.num_passages} passage",
         "incontext_random": "in-context, a random passage (control)",
+        "incontext_small": f"in-context, BM25, {SMALL_BUDGET}-token budget",
+        "incontext_small_random": f"in-context, a random passage, {SMALL_BUDGET}-token budget (control)",
         "knnlm": f"kNN-LM, lambda={kn['lambda']:g}, T={kn['temperature']:g}",
     }
     lines = [
@@ -100,7 +112,8 @@ def write_report(args, evaluator, options, results, seconds, total) -> None:
         f"`python -m benchmarks.retrieval_lm --workdir={args.workdir} --num_windows={options.num_windows} "
         f"--datastore_tokens={options.datastore_tokens}`, {time.strftime('%Y-%m-%d')}, Python "
         f"{sys.version.split()[0]} (its standard library is the corpus), {platform.machine()} CPU shared with "
-        f"other jobs, {total:.0f} s in all.",
+        f"other jobs (5-minute load average {load[0]:.0f} before, {load[1]:.0f} after: times are slow), "
+        f"{total:.0f} s in all.",
         "",
         f"Model: `configs/gpt_small.py` ({config.model.num_layers} layers, d={config.model.embed_dim}, vocab "
         f"{config.model.vocab_size}, context {config.data.seq_len}) trained {evaluator.step} steps "
@@ -125,7 +138,8 @@ def write_report(args, evaluator, options, results, seconds, total) -> None:
         f"{options.query_tokens} tokens before each window's span; passages get at most {options.passage_tokens} "
         f"tokens of the context (EOS included), taken from the far end of the preceding text. "
         f"{100 * ic['windows_with_passages']:.0f}% of windows got a passage, {ic['mean_prepended_tokens']:.1f} "
-        "prepended tokens on average.",
+        f"prepended tokens on average. With the {SMALL_BUDGET}-token budget, passages are {SMALL_BUDGET - 1} tokens "
+        f"({results['incontext_small']['passages']:,} of them). The random controls prepend as much, at random.",
         "",
         f"kNN-LM: a datastore of {kn['datastore']:,} (final hidden state, next token) pairs from "
         f"{'the whole train split' if options.datastore_tokens == -1 else 'a seeded sample of train rows'} "

@@ -16,14 +16,15 @@ import pytest
 
 from lmjax import config as config_lib
 from lmjax.data.tokenizers import ByteTokenizer
+from lmjax.model import Transformer
 from lmjax.retrieval import evaluate, incontext, knnlm
 from lmjax.retrieval.bm25 import BM25Retriever
 from lmjax.retrieval.datastore import build_datastore, train_rows
+from lmjax.retrieval.dense import DenseRetriever
 from lmjax.retrieval.knn import ExactIndex, knn_distribution, knn_target_logprob, nearest_neighbors
 from lmjax.retrieval.passages import chunk_bounds, make_passages
 from lmjax.retrieval.scoring import make_score_fn, score_rows
 from lmjax.retrieval.windows import sample_windows
-from lmjax.model import Transformer
 from lmjax.train import checkpointing
 from lmjax.train import step as step_lib
 from lmjax.train import workdir as workdir_lib
@@ -50,28 +51,25 @@ def lm():
             "score_span": make_score_fn(Transformer(cfg), params, P)}
 
 
-def reference_logprobs(lm) -> np.ndarray:
-    """log p of every scored token [W, P] by the plain forward on windows sliced here."""
-    out = []
-    for t in lm["windows"].starts:
-        inputs = lm["stream"][t + P - 1 - C : t + P - 1][None]
-        targets = lm["stream"][t + P - C : t + P][None]
-        logits = np.asarray(forward(lm["cfg"], lm["params"], jnp.asarray(inputs)))[0, -P:]
-        log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        out.append(logits[np.arange(P), targets[0, -P:]] - log_z)
-    return np.stack(out)
+def plain_logprobs(cfg, params, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log p(target) [R, L] from the plain forward's logits, normalized in float64."""
+    logits = np.asarray(forward(cfg, params, jnp.asarray(inputs)), np.float64)
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    return np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
 
 
-def reference_loss(lm) -> float:
-    """The trainer's loss (cross_entropy_sums) on the same windows, sliced here."""
+def reference(lm) -> tuple[np.ndarray, float, float]:
+    """On windows sliced here: log p of every scored token [W, P] and the model's loss (their mean),
+    and the trainer's float32 loss (cross_entropy_sums)."""
     starts = lm["windows"].starts
     inputs = np.stack([lm["stream"][t + P - 1 - C : t + P - 1] for t in starts])
     targets = np.stack([lm["stream"][t + P - C : t + P] for t in starts])
+    logprobs = plain_logprobs(lm["cfg"], lm["params"], inputs, targets)[:, -P:]
     weights = np.zeros(inputs.shape, np.float32)
     weights[:, -P:] = 1
-    loss_sum, weight_sum, _ = cross_entropy_sums(forward(lm["cfg"], lm["params"], jnp.asarray(inputs)),
-                                                 jnp.asarray(targets), jnp.asarray(weights))
-    return float(loss_sum / weight_sum)
+    logits = forward(lm["cfg"], lm["params"], jnp.asarray(inputs))
+    loss_sum, weight_sum, _ = cross_entropy_sums(logits, jnp.asarray(targets), jnp.asarray(weights))
+    return logprobs, -float(logprobs.mean()), float(loss_sum / weight_sum)
 
 
 class SpyRetriever:
@@ -98,6 +96,16 @@ def test_bm25_returns_the_planted_document_for_an_exact_phrase():
     assert (ids[1] == -1).all() and (scores[1] == 0).all()  # no shared word: no passage, not a random one
     with pytest.raises(ValueError, match="k=201"):
         retriever.search(["word1"], k=201)
+
+
+def test_dense_retriever_finds_a_passage_from_its_own_text(lm):
+    text = _stdlib_bytes("shlex.py", 600)
+    passages = make_passages(np.append(text, TOKENIZER.eos_id), np.array([len(text) + 1]), TOKENIZER, chunk_tokens=20)
+    retriever = DenseRetriever(lm["model"], lm["params"], TOKENIZER, passages, batch_size=16)
+    ids, scores = retriever.search([passages.texts[i] for i in (3, 17, 29)], k=2)
+    np.testing.assert_array_equal(ids[:, 0], [3, 17, 29])
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-4)  # cosine similarity with itself
+    assert (scores[:, 1] < scores[:, 0]).all()
 
 
 def test_passages_cover_every_document_token_and_never_cross_documents():
@@ -152,9 +160,11 @@ def test_incontext_with_no_passage_equals_the_plain_model_loss(lm):
     rows = incontext.incontext_rows(SpyRetriever(answer=-1), None, lm["windows"], TOKENIZER, query_tokens=Q,
                                     num_passages=1, passage_tokens=16)
     logprob, _ = score_rows(lm["score_span"], rows["inputs"], rows["targets"], batch_size=16)
-    loss = -float((logprob * rows["weights"]).sum() / rows["weights"].sum())
-    assert abs(loss - reference_loss(lm)) < 1e-6
-    np.testing.assert_allclose(logprob[:, -P:], reference_logprobs(lm), atol=1e-5)
+    loss = -float((logprob.astype(np.float64) * rows["weights"]).sum() / rows["weights"].sum())
+    ref_logprobs, ref_loss, trainer_loss = reference(lm)
+    assert abs(loss - ref_loss) < 1e-6
+    assert abs(loss - trainer_loss) < 1e-5  # the trainer's float32 sums
+    np.testing.assert_allclose(logprob[:, -P:], ref_logprobs, atol=1e-5)
 
 
 def test_knn_search_and_distribution_match_a_hand_computation():
@@ -203,7 +213,7 @@ def test_knnlm_with_lambda_zero_is_the_model(lm, span_scores):
     assert len(store) == len(other_text) - 1  # every token of the text is a value once
     n = _neighbours(lm, span_scores, store)
     loss = -float(knnlm.interpolated_logprob(n, 0.0, 1.0).mean())
-    assert abs(loss - reference_loss(lm)) < 1e-6
+    assert abs(loss - reference(lm)[1]) < 1e-6
     mixed = -float(knnlm.interpolated_logprob(n, 0.3, 1.0).mean())
     assert mixed != loss and math.isfinite(mixed)
     best = knnlm.choose(n, [0.0, 0.3], [1.0])
@@ -218,7 +228,7 @@ def test_knnlm_over_a_datastore_of_the_evaluated_text_drives_the_loss_to_zero(lm
     n = _neighbours(lm, span_scores, store)
     assert np.median(n.distances[:, 0]) < 1e-3  # each position finds itself
     loss = -float(knnlm.interpolated_logprob(n, 0.999, 0.1).mean())
-    assert loss < 0.01 < 3.0 < reference_loss(lm)
+    assert loss < 0.01 < 3.0 < reference(lm)[1]
 
 
 def test_bad_input_is_named():
@@ -226,6 +236,8 @@ def test_bad_input_is_named():
         evaluate.evaluate_run(None, "/nonexistent", "bogus", evaluate.Options())
     with pytest.raises(ValueError, match="--neighbors=0 must be >= 1"):
         evaluate.evaluate_run(None, "/nonexistent", "knnlm", evaluate.Options(neighbors=0))
+    with pytest.raises(ValueError, match="--retriever='tfidf'"):
+        evaluate.evaluate_run(None, "/nonexistent", "incontext", evaluate.Options(retriever="tfidf"))
     with pytest.raises(ValueError, match="num_windows=100"):
         sample_windows(np.zeros(100, np.int32), 100, P, C)
     with pytest.raises(ValueError, match="lambdas must be in"):
@@ -251,18 +263,15 @@ def test_every_mode_on_a_saved_run_scores_the_same_windows(tmp_path, lm):
     manager.wait_until_finished()
     manager.close()
 
-    options = evaluate.Options(num_windows=16, span=P, query_tokens=Q, chunk_tokens=12, passage_tokens=16,
+    options = evaluate.Options(num_windows=24, span=P, query_tokens=Q, chunk_tokens=12, passage_tokens=16,
                                datastore_tokens=-1, neighbors=4, lambdas=(0.0,), temperatures=(1.0,), batch_size=16)
     evaluator = evaluate.RunEvaluator(workdir_lib.saved_config(workdir), workdir, options)
     none, ic, kn = (evaluator.run(mode) for mode in evaluate.MODES)
-    assert none["step"] == 7 and none["tokens"] + none["heldout_tokens"] == 16 * P
+    assert none["step"] == 7 and none["tokens"] + none["heldout_tokens"] == 24 * P
     # The reported windows' loss, recomputed from the plain forward on the windows the evaluator chose.
     rows = evaluator.windows.plain_rows()
-    logits = forward(lm["cfg"], lm["params"], jnp.asarray(rows["inputs"]))
-    reported = ~evaluator.heldout
-    loss_sum, weight_sum, _ = cross_entropy_sums(logits[reported], jnp.asarray(rows["targets"][reported]),
-                                                 jnp.asarray(rows["weights"][reported]))
-    assert abs(none["loss"] - float(loss_sum / weight_sum)) < 1e-6
+    logprobs = plain_logprobs(lm["cfg"], lm["params"], rows["inputs"], rows["targets"])[:, -P:]
+    assert abs(none["loss"] + logprobs[~evaluator.heldout].mean()) < 1e-6
     assert abs(kn["loss"] - none["loss"]) < 1e-6 and kn["lambda"] == 0.0  # lambda 0 is the model
     assert kn["datastore"] > 0 and ic["passages"] > 0 and ic["windows_with_passages"] > 0
     assert ic["tokens"] == none["tokens"] and ic["loss"] != none["loss"]

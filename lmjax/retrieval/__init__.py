@@ -5,6 +5,7 @@ the collection.
 Files:
   passages.py   the train split cut into token passages (the collection)
   bm25.py       a BM25 retriever over passage texts, through the `bm25s` library
+  dense.py      a dense retriever: the model's own mean-pooled final hidden states
   windows.py    evaluation windows: a scored span, its preceding context and its retrieval query
   scoring.py    one jitted forward: target log-probabilities and final hidden states
   incontext.py  rows with retrieved passages prepended within the context budget
@@ -20,11 +21,12 @@ Q query vectors, M datastore entries, K neighbours.
 
 from lmjax.retrieval.bm25 import BM25Retriever
 from lmjax.retrieval.datastore import Datastore, build_datastore
+from lmjax.retrieval.dense import DenseRetriever
 from lmjax.retrieval.knn import knn_distribution, knn_target_logprob, nearest_neighbors
 from lmjax.retrieval.passages import Passages, make_passages
 from lmjax.retrieval.windows import Windows, sample_windows
 
 __all__ = [
-    "BM25Retriever", "Datastore", "Passages", "Windows", "build_datastore", "knn_distribution",
+    "BM25Retriever", "Datastore", "DenseRetriever", "Passages", "Windows", "build_datastore", "knn_distribution",
     "knn_target_logprob", "make_passages", "nearest_neighbors", "sample_windows",
 ]

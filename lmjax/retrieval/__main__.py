@@ -23,6 +23,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints.
 _MODE = flags.DEFINE_enum("mode", "none", list(evaluate.MODES), "No retrieval, in-context retrieval, or kNN-LM.")
 _WINDOWS = flags.DEFINE_integer("num_windows", _D.num_windows, "Windows scored (-1: every window of the split).")
 _SPAN = flags.DEFINE_integer("span", _D.span, "Tokens scored per window (the retrieval stride).")
+_RETRIEVER = flags.DEFINE_enum("retriever", _D.retriever, list(evaluate.RETRIEVERS),
+                               "incontext: BM25, or the model's own mean-pooled hidden states.")
 _QUERY = flags.DEFINE_integer("query_tokens", _D.query_tokens, "incontext: tokens before the span that form the query.")
 _CHUNK = flags.DEFINE_integer("chunk_tokens", _D.chunk_tokens, "incontext: passage length in tokens.")
 _PASSAGES = flags.DEFINE_integer("num_passages", _D.num_passages, "incontext: passages retrieved per window.")
@@ -45,7 +47,7 @@ def _floats(name: str, values: list[str]) -> tuple[float, ...]:
 
 def _run() -> None:
     options = evaluate.Options(
-        num_windows=_WINDOWS.value, span=_SPAN.value, query_tokens=_QUERY.value, chunk_tokens=_CHUNK.value,
+        num_windows=_WINDOWS.value, span=_SPAN.value, retriever=_RETRIEVER.value, query_tokens=_QUERY.value, chunk_tokens=_CHUNK.value,
         num_passages=_PASSAGES.value, passage_tokens=_BUDGET.value, datastore_tokens=_STORE.value,
         neighbors=_K.value, lambdas=_floats("lambdas", _LAMBDAS.value),
         temperatures=_floats("temperatures", _TEMPS.value), batch_size=_BATCH.value, seed=_SEED.value)

@@ -7,6 +7,7 @@ A passage that shares no word with a query scores 0 and is never returned.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ def _bm25s():
         import bm25s
     except ImportError as e:
         raise ImportError("BM25 retrieval needs the bm25s library: pip install -e '.[rag]'") from e
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every query without a known word
     return bm25s
 
 

@@ -21,6 +21,7 @@ from lmjax.data import pipeline as pipeline_lib
 from lmjax.retrieval import datastore as datastore_lib
 from lmjax.retrieval import incontext, knnlm
 from lmjax.retrieval.bm25 import BM25Retriever
+from lmjax.retrieval.dense import DenseRetriever
 from lmjax.retrieval.knn import ExactIndex
 from lmjax.retrieval.passages import Passages, make_passages
 from lmjax.retrieval.scoring import make_score_fn, score_rows
@@ -28,12 +29,14 @@ from lmjax.retrieval.windows import sample_windows
 from lmjax.train import workdir as workdir_lib
 
 MODES = ("none", "incontext", "knnlm")
+RETRIEVERS = ("bm25", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
     num_windows: int = 1024  # windows scored (-1: every window of the validation split)
     span: int = 32  # tokens scored per window (the retrieval stride)
+    retriever: str = "bm25"  # in-context: bm25 | dense (the model's mean-pooled hidden states)
     query_tokens: int = 32  # in-context: tokens before the span that form the query
     chunk_tokens: int = 64  # in-context: passage length in tokens
     num_passages: int = 1  # in-context: passages retrieved per window
@@ -52,6 +55,8 @@ class Options:
         for name, low in minimum.items():
             if getattr(self, name) < low:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= {low}")
+        if self.retriever not in RETRIEVERS:
+            raise ValueError(f"--retriever={self.retriever!r}: expected one of {RETRIEVERS}")
         for name in ("num_windows", "datastore_tokens"):
             if getattr(self, name) != -1 and getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be positive, or -1 for all")
@@ -75,18 +80,18 @@ class RunEvaluator:
         token_bytes = np.asarray(self.tokenizer.token_bytes(), np.float64)
         self.target_bytes = token_bytes[self.windows.targets()].sum(axis=1)
         self._score_span = make_score_fn(self.model, self.params, options.span)
-        self._train = self._passages = None
+        self._train, self._passages = None, {}
 
     def train_split(self) -> dict:
         if self._train is None:
             self._train = pipeline_lib.tokenize_split(self.config.data, "train", self.tokenizer)
         return self._train
 
-    def passages(self) -> Passages:
-        if self._passages is None:
+    def passages(self, chunk_tokens: int) -> Passages:
+        if chunk_tokens not in self._passages:
             train = self.train_split()
-            self._passages = make_passages(train["tokens"], train["doc_ends"], self.tokenizer, self.options.chunk_tokens)
-        return self._passages
+            self._passages[chunk_tokens] = make_passages(train["tokens"], train["doc_ends"], self.tokenizer, chunk_tokens)
+        return self._passages[chunk_tokens]
 
     def score(self, rows: dict) -> tuple[np.ndarray, np.ndarray]:
         """(log-probs of the span's tokens [W, P], hidden states there [W, P, D])."""
@@ -97,7 +102,7 @@ class RunEvaluator:
         """Loss (nats/token) and bits/byte over the reported and the held-out windows."""
         out = {"step": self.step}
         for name, mask in (("", ~self.heldout), ("heldout_", self.heldout)):
-            loss_sum = -float(logprob_WxP[mask].sum())
+            loss_sum = -float(logprob_WxP[mask].astype(np.float64).sum())
             out[f"{name}loss"] = loss_sum / max(logprob_WxP[mask].size, 1)
             out[f"{name}bpb"] = loss_sum / math.log(2) / max(float(self.target_bytes[mask].sum()), 1.0)
             out[f"{name}tokens"] = int(logprob_WxP[mask].size)
@@ -107,11 +112,16 @@ class RunEvaluator:
         logprob_WxP, _ = self.score(self.windows.plain_rows())
         return self.summary(logprob_WxP)
 
-    def incontext(self, retriever: incontext.Retriever | None = None) -> dict:
-        o = self.options
+    def incontext(self, retriever: incontext.Retriever | None = None, **overrides) -> dict:
+        """`overrides`: other values of the options (chunk_tokens, passage_tokens, ...) for this call."""
+        o = dataclasses.replace(self.options, **overrides)
+        o.check()
         start = time.perf_counter()
-        passages = self.passages()
-        retriever = BM25Retriever(passages.texts) if retriever is None else retriever
+        passages = self.passages(o.chunk_tokens)
+        if retriever is None and o.retriever == "bm25":
+            retriever = BM25Retriever(passages.texts)
+        elif retriever is None:
+            retriever = DenseRetriever(self.model, self.params, self.tokenizer, passages, o.batch_size)
         indexed = time.perf_counter()
         rows = incontext.incontext_rows(retriever, passages, self.windows, self.tokenizer, query_tokens=o.query_tokens,
                                         num_passages=o.num_passages, passage_tokens=o.passage_tokens)
