@@ -30,7 +30,6 @@ import numpy as np
 from lmjax.retrieval import evaluate
 from lmjax.train import workdir as workdir_lib
 
-
 SMALL_BUDGET = 32  # the second in-context setting: passages of 31 tokens + EOS
 
 
@@ -109,21 +108,21 @@ def write_report(args, evaluator, options, results, seconds, total, load) -> Non
     lines = [
         "# Retrieval-augmented LM on the embedded corpus",
         "",
-        f"`python -m benchmarks.retrieval_lm --workdir={args.workdir} --num_windows={options.num_windows} "
-        f"--datastore_tokens={options.datastore_tokens}`, {time.strftime('%Y-%m-%d')}, Python "
-        f"{sys.version.split()[0]} (its standard library is the corpus), {platform.machine()} CPU shared with "
-        f"other jobs (5-minute load average {load[0]:.0f} before, {load[1]:.0f} after: times are slow), "
-        f"{total:.0f} s in all.",
+        (f"`python -m benchmarks.retrieval_lm --workdir={args.workdir} --num_windows={options.num_windows} "
+         f"--datastore_tokens={options.datastore_tokens}`, {time.strftime('%Y-%m-%d')}, Python "
+         f"{sys.version.split()[0]} (its standard library is the corpus), {platform.machine()} CPU shared with "
+         f"other jobs (5-minute load average {load[0]:.0f} before, {load[1]:.0f} after: times are slow), "
+         f"{total:.0f} s in all."),
         "",
-        f"Model: `configs/gpt_small.py` ({config.model.num_layers} layers, d={config.model.embed_dim}, vocab "
-        f"{config.model.vocab_size}, context {config.data.seq_len}) trained {evaluator.step} steps "
-        f"({evaluator.step * config.train.batch_size * config.data.seq_len:,} tokens); the command is in the "
-        "script's docstring.",
+        (f"Model: `configs/gpt_small.py` ({config.model.num_layers} layers, d={config.model.embed_dim}, vocab "
+         f"{config.model.vocab_size}, context {config.data.seq_len}) trained {evaluator.step} steps "
+         f"({evaluator.step * config.train.batch_size * config.data.seq_len:,} tokens); the command is in the "
+         "script's docstring."),
         "",
-        f"Windows: {len(evaluator.windows)} windows of {options.span} scored tokens at seeded places in the validation "
-        f"split, each read with {config.data.seq_len} tokens of context; the {results['none']['tokens']:,} tokens of "
-        f"the windows in the second half of the split are reported, the {results['none']['heldout_tokens']:,} in the "
-        "first half are held out (kNN-LM's lambda and T are chosen there). Every row scores the same tokens.",
+        (f"Windows: {len(evaluator.windows)} windows of {options.span} scored tokens at seeded places in the validation "
+         f"split, each read with {config.data.seq_len} tokens of context; the {results['none']['tokens']:,} tokens of "
+         f"the windows in the second half of the split are reported, the {results['none']['heldout_tokens']:,} in the "
+         "first half are held out (kNN-LM's lambda and T are chosen there). Every row scores the same tokens."),
         "",
         "| mode | loss (nats/token) | bits/byte | held-out loss | time |",
         "|---|---|---|---|---|",
@@ -133,20 +132,20 @@ def write_report(args, evaluator, options, results, seconds, total, load) -> Non
         lines.append(f"| {label} | {r['loss']:.4f} | {r['bpb']:.4f} | {r['heldout_loss']:.4f} | {seconds[name]:.0f} s |")
     lines += [
         "",
-        f"In-context: the train split cut into {ic['passages']:,} passages of at most {options.chunk_tokens} tokens, "
-        f"indexed by bm25s ({ic['index_s']:.0f} s with the cutting and decoding); the query is the "
-        f"{options.query_tokens} tokens before each window's span; passages get at most {options.passage_tokens} "
-        f"tokens of the context (EOS included), taken from the far end of the preceding text. "
-        f"{100 * ic['windows_with_passages']:.0f}% of windows got a passage, {ic['mean_prepended_tokens']:.1f} "
-        f"prepended tokens on average. With the {SMALL_BUDGET}-token budget, passages are {SMALL_BUDGET - 1} tokens "
-        f"({results['incontext_small']['passages']:,} of them). The random controls prepend as much, at random.",
+        (f"In-context: the train split cut into {ic['passages']:,} passages of at most {options.chunk_tokens} tokens, "
+         f"indexed by bm25s ({ic['index_s']:.0f} s with the cutting and decoding); the query is the "
+         f"{options.query_tokens} tokens before each window's span; passages get at most {options.passage_tokens} "
+         f"tokens of the context (EOS included), taken from the far end of the preceding text. "
+         f"{100 * ic['windows_with_passages']:.0f}% of windows got a passage, {ic['mean_prepended_tokens']:.1f} "
+         f"prepended tokens on average. With the {SMALL_BUDGET}-token budget, passages are {SMALL_BUDGET - 1} tokens "
+         f"({results['incontext_small']['passages']:,} of them). The random controls prepend as much, at random."),
         "",
-        f"kNN-LM: a datastore of {kn['datastore']:,} (final hidden state, next token) pairs from "
-        f"{'the whole train split' if options.datastore_tokens == -1 else 'a seeded sample of train rows'} "
-        f"(built in {kn['datastore_s']:.0f} s), exact search for K={kn['neighbors']} neighbours by squared L2 "
-        f"({kn['search_s']:.0f} s), median nearest squared distance {kn['median_nearest_distance']:.2f}; "
-        f"lambda from {sorted({g['lambda'] for g in grid})} and T from {temperatures} chosen on the held-out windows "
-        "([the held-out curve](retrieval_lm_knnlm.png)).",
+        (f"kNN-LM: a datastore of {kn['datastore']:,} (final hidden state, next token) pairs from "
+         f"{'the whole train split' if options.datastore_tokens == -1 else 'a seeded sample of train rows'} "
+         f"(built in {kn['datastore_s']:.0f} s), exact search for K={kn['neighbors']} neighbours by squared L2 "
+         f"({kn['search_s']:.0f} s), median nearest squared distance {kn['median_nearest_distance']:.2f}; "
+         f"lambda from {sorted({g['lambda'] for g in grid})} and T from {temperatures} chosen on the held-out windows "
+         "([the held-out curve](retrieval_lm_knnlm.png))."),
         "",
         "![kNN-LM held-out loss against lambda](retrieval_lm_knnlm.png)",
         "",

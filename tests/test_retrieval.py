@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_model import forward, init, tiny_cfg
 
 from lmjax import config as config_lib
 from lmjax.data.tokenizers import ByteTokenizer
@@ -21,7 +22,12 @@ from lmjax.retrieval import evaluate, incontext, knnlm
 from lmjax.retrieval.bm25 import BM25Retriever
 from lmjax.retrieval.datastore import build_datastore, train_rows
 from lmjax.retrieval.dense import DenseRetriever
-from lmjax.retrieval.knn import ExactIndex, knn_distribution, knn_target_logprob, nearest_neighbors
+from lmjax.retrieval.knn import (
+    ExactIndex,
+    knn_distribution,
+    knn_target_logprob,
+    nearest_neighbors,
+)
 from lmjax.retrieval.passages import chunk_bounds, make_passages
 from lmjax.retrieval.scoring import make_score_fn, score_rows
 from lmjax.retrieval.windows import sample_windows
@@ -30,7 +36,6 @@ from lmjax.train import step as step_lib
 from lmjax.train import workdir as workdir_lib
 from lmjax.train.loss import cross_entropy_sums
 from lmjax.train.state import TrainState
-from test_model import forward, init, tiny_cfg
 
 C, P, Q = 32, 8, 16  # context, scored span, query tokens
 TOKENIZER = ByteTokenizer()
@@ -172,12 +177,10 @@ def test_knn_search_and_distribution_match_a_hand_computation():
     keys = rng.standard_normal((50, 4)).astype(np.float32)
     queries = rng.standard_normal((7, 4)).astype(np.float32)
     # Blocks of 16 over 50 keys: the top-k is merged across blocks, the padding never returned.
-    distances, indices = ExactIndex(keys, block=16).search(queries, k=5, batch=4)
+    distances, indices = nearest_neighbors(queries, keys, k=5, block=16, batch=4)
     brute = ((queries[:, None] - keys[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(indices, np.argsort(brute, axis=1)[:, :5])
     np.testing.assert_allclose(distances, np.sort(brute, axis=1)[:, :5], rtol=1e-5, atol=1e-5)
-    d2, i2 = nearest_neighbors(queries, keys, k=5)
-    np.testing.assert_array_equal(i2, indices)
 
     d = np.array([[1.0, 2.0, 4.0], [0.0, 3.0, 3.0]], np.float32)
     tokens = np.array([[5, 5, 2], [1, 3, 1]])
@@ -228,7 +231,7 @@ def test_knnlm_over_a_datastore_of_the_evaluated_text_drives_the_loss_to_zero(lm
     n = _neighbours(lm, span_scores, store)
     assert np.median(n.distances[:, 0]) < 1e-3  # each position finds itself
     loss = -float(knnlm.interpolated_logprob(n, 0.999, 0.1).mean())
-    assert loss < 0.01 < 3.0 < reference(lm)[1]
+    assert loss < 0.01 and reference(lm)[1] > 3.0
 
 
 def test_bad_input_is_named():

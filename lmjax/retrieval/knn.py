@@ -70,9 +70,10 @@ class ExactIndex:
         return np.concatenate(distances), np.concatenate(indices)
 
 
-def nearest_neighbors(queries_QxD: np.ndarray, keys_MxD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbors(queries_QxD: np.ndarray, keys_MxD: np.ndarray, k: int, *, block: int = 8192,
+                      batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest keys of each query: (squared L2 distances [Q, k] ascending, indices [Q, k])."""
-    return ExactIndex(keys_MxD).search(queries_QxD, k)
+    return ExactIndex(keys_MxD, block).search(queries_QxD, k, batch)
 
 
 def knn_distribution(distances_QxK, tokens_QxK, vocab_size: int, temperature: float) -> jax.Array:

@@ -9,6 +9,7 @@ Its text (for BM25) is the decoded tokens.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -54,5 +55,5 @@ def make_passages(tokens: np.ndarray, doc_ends: np.ndarray, tokenizer: data.Toke
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
     passage_tokens = np.asarray(tokens)[gather].astype(np.int32)
-    texts = [tokenizer.decode(passage_tokens[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+    texts = [tokenizer.decode(passage_tokens[a:b].tolist()) for a, b in itertools.pairwise(offsets)]
     return Passages(passage_tokens, offsets, texts)
