@@ -4,8 +4,8 @@ Every mode scores the same tokens: a seeded sample of `num_windows` windows of `
 read with the run's training context (`data.seq_len`). Results are given for the windows in the
 second half of the validation stream ("reported"); kNN-LM chooses lambda and T on those in the first
 half ("held out"), whose figures are given too. The collection is the train split: for in-context
-retrieval its passages (BM25), for kNN-LM the (hidden state, next token) pairs of a seeded sample
-of its rows (`datastore_tokens`; -1 all).
+retrieval its passages (ranked by BM25, or by the model's own embeddings), for kNN-LM the
+(hidden state, next token) pairs of a seeded sample of its rows (`datastore_tokens`; -1 all).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class RunEvaluator:
         self.context = int(self.config.data.seq_len)
         stream = pipeline_lib.tokenize_split(self.config.data, "validation", self.tokenizer)["tokens"]
         self.windows = sample_windows(stream, options.num_windows, options.span, self.context, options.seed)
-        self.heldout = self.windows.starts < len(stream) // 2
+        self.heldout = self.windows.held_out()
         token_bytes = np.asarray(self.tokenizer.token_bytes(), np.float64)
         self.target_bytes = token_bytes[self.windows.targets()].sum(axis=1)
         self._score_span = make_score_fn(self.model, self.params, options.span)

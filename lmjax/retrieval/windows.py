@@ -41,14 +41,10 @@ class Windows:
         """The retrieval query of every window: the `query_tokens` tokens before its first scored one."""
         return [self.stream[max(0, t - query_tokens) : t] for t in self.starts]
 
-    def subset(self, mask: np.ndarray) -> Windows:
-        return dataclasses.replace(self, starts=self.starts[mask])
-
-    def halves(self) -> tuple[Windows, Windows]:
-        """(held-out, reported): windows in the first and the second half of the stream. Choices made
-        on the first half (kNN-LM's lambda and temperature) are reported on the second."""
-        first = self.starts < len(self.stream) // 2
-        return self.subset(first), self.subset(~first)
+    def held_out(self) -> np.ndarray:
+        """[W] bool: the windows in the first half of the stream. Choices made on them (kNN-LM's lambda
+        and temperature) are reported on the others, the second half."""
+        return self.starts < len(self.stream) // 2
 
 
 def sample_windows(stream: np.ndarray, num_windows: int, span: int, context: int, seed: int = 0) -> Windows:
