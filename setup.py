@@ -35,7 +35,7 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                  "starlette>=0.40", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20", "qwix>=0.1.8",
                  # tests/test_interop_hf.py: transformers 4.x's Flax GPT-2 and Llama are the reference (no torch).
-                 "safetensors>=0.8", "transformers>=4.57,<5"],
+                 "safetensors>=0.8", "transformers>=4.57,<5", "bm25s>=0.2"],
         # Weight-only int8 / int4 quantization (--quantize): Google's qwix.
         "quant": ["qwix>=0.1.8"],
         # python -m lmjax.interop.hf: Hugging Face weights in and out (a Hub repo id downloads).
@@ -50,5 +50,7 @@ setup(
         "bench": ["torch==2.13.0"],
         # python -m lmjax.serve: the OpenAI-compatible server (httpx: its tests and load benchmark).
         "serve": ["starlette>=0.40", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20"],
+        # python -m lmjax.retrieval: BM25 retrieval for in-context retrieval augmentation.
+        "rag": ["bm25s>=0.2"],
     },
 )
