@@ -4,15 +4,19 @@ continuous metrics of the same models (Schaeffer et al. 2023).
     python -m launch.sweep --sweep=configs/sweeps/emergence.py --backend=local
     python -m benchmarks.emergence --sweep_dir=runs/emergence [--limit=100] [--shots=0]
         [--tasks=../shared/data/bigbench/arithmetic] [--subtasks=2_digit_addition,...]
-        [--out=benchmarks/results/emergence] [--no_evaluate]
+        [--out=benchmarks/results/emergence] [--no-evaluate] [--no-unseen_only]
 
 Every finished run of the sweep is scored with `lmjax.evals.harness` on the chosen subtasks (the
 results go to each run's `evals/<step>.json`, so a second call with the same tasks reuses them; use
---no_evaluate to only redraw), then one figure puts exact match (and multiple-choice grade) against
+--no-evaluate to only redraw), then one figure puts exact match (and multiple-choice grade) against
 training compute (6 N D, N counting every parameter) beside target log-probability per token and
-the token edit distance of the greedy answer. When a run trained on an `arithmetic:` source, the
-table also says how many of the evaluated questions occur word for word in its training corpus
-(the problem spaces are small: 2-digit addition has 8,100 questions).
+the token edit distance of the greedy answer.
+
+The problem spaces are small (2-digit addition has 8,100 questions), so a synthetic corpus holds
+many of BIG-bench's questions by chance. When a run trained on an `arithmetic:` source, each
+subtask is cut to the examples whose question never occurs in its training split (task
+`<name>.unseen`; the sweep's `holdout` keeps about half of every space out of training), unless
+--no-unseen_only; the table counts evaluated questions seen in training either way.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from launch import collect
 from lmjax import fileio
 from lmjax.data import arithmetic
 from lmjax.evals import harness
-from lmjax.evals.tasks import load_tasks
+from lmjax.evals.tasks import Task, load_tasks
 
 DEFAULT_SUBTASKS = ("1_digit_addition", "2_digit_addition", "3_digit_addition", "2_digit_multiplication")
 ACCURACY = ("exact_str_match", "multiple_choice_grade")
@@ -59,25 +63,6 @@ def finished_runs(sweep_dir: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["flops"])
 
 
-def evaluate_runs(sweep_dir: str, task_paths: list[str], shots: list[int], limit: int | None) -> None:
-    """Score each finished run's newest checkpoint, unless its evals file already has every task and k."""
-    names = [t.name for p in task_paths for t in load_tasks(p)]
-    for row in finished_runs(sweep_dir):
-        workdir = os.path.join(sweep_dir, row["name"])
-        saved = read_evals(workdir, int(row["steps"]))
-        if saved and all(str(k) in saved.get(n, {}) and _limit_ok(saved[n][str(k)], limit) for n in names for k in shots):
-            print(f"{row['name']}: evaluated already", flush=True)
-            continue
-        start = time.time()
-        harness.evaluate_workdir(None, workdir, task_paths, shots, limit=limit)
-        print(f"{row['name']}: evaluated in {time.time() - start:.0f}s", flush=True)
-
-
-def _limit_ok(metrics: dict, limit: int | None) -> bool:
-    """Saved results are reused only if they cover as many examples as asked for."""
-    return limit is None or metrics.get("examples", 0) >= limit
-
-
 def read_evals(workdir: str, step: int) -> dict:
     text = fileio.read_text(harness.results_path(workdir, step))
     return json.loads(text)["results"] if text else {}
@@ -93,28 +78,74 @@ def training_questions(workdir: str) -> set[str] | None:
     return set(arithmetic.questions(arithmetic.parse(arg), "train", data_cfg.get("val_fraction", 0.0)))
 
 
-def gather(sweep_dir: str, tasks: dict[str, list[str]], shots: int) -> list[Point]:
-    """A point per (finished run, task) with results at `shots` shots. `tasks`: name -> the inputs
-    of its evaluated examples (to count those seen in training)."""
+def tasks_for_run(tasks: list[Task], seen: set[str] | None, unseen_only: bool) -> list[Task]:
+    """The tasks as evaluated on one run: cut to the questions it never saw, when asked and known."""
+    if not unseen_only or seen is None:
+        return tasks
+    out = []
+    for task in tasks:
+        examples = tuple(ex for ex in task.examples if ex.input not in seen)
+        if not examples:
+            raise ValueError(f"task {task.name}: every question occurs in the training corpus (use --no-unseen_only)")
+        out.append(dataclasses.replace(task, name=f"{task.name}.unseen", examples=examples))
+    return out
+
+
+class Corpora:
+    """Training questions per data config: runs of one sweep share a corpus, generated once."""
+
+    def __init__(self):
+        self._seen: dict[str, set[str] | None] = {}
+
+    def seen(self, workdir: str) -> set[str] | None:
+        summary = json.loads(fileio.read_text(os.path.join(workdir, "summary.json")) or "{}")
+        key = json.dumps(summary.get("config", {}).get("data", {}), sort_keys=True)
+        if key not in self._seen:
+            self._seen[key] = training_questions(workdir)
+        return self._seen[key]
+
+
+def evaluate_runs(sweep_dir: str, tasks: list[Task], shots: list[int], limit: int | None, unseen_only: bool,
+                  corpora: Corpora) -> None:
+    """Score each finished run's newest checkpoint, unless its evals file already has every task and k."""
+    for row in finished_runs(sweep_dir):
+        workdir, step = os.path.join(sweep_dir, row["name"]), int(row["steps"])
+        mine = tasks_for_run(tasks, corpora.seen(workdir), unseen_only)
+        saved = read_evals(workdir, step)
+        if all(_covers(saved.get(t.name, {}).get(str(k)), t, limit) for t in mine for k in shots):
+            print(f"{row['name']}: evaluated already", flush=True)
+            continue
+        start = time.time()
+        scorer = harness.open_scorer(workdir)
+        harness.write_results(workdir, step, harness.evaluate(scorer, mine, shots, limit=limit), seed=0)
+        print(f"{row['name']}: evaluated in {time.time() - start:.0f}s", flush=True)
+
+
+def _covers(metrics: dict | None, task: Task, limit: int | None) -> bool:
+    """Saved results are reused only if they cover as many examples as asked for."""
+    wanted = len(task.examples) if limit is None else min(limit, len(task.examples))
+    return metrics is not None and metrics.get("examples", 0) >= wanted
+
+
+def gather(sweep_dir: str, tasks: list[Task], shots: int, unseen_only: bool = True,
+           corpora: Corpora | None = None) -> list[Point]:
+    """A point per (finished run, task) with results at `shots` shots."""
+    corpora = corpora or Corpora()
     points = []
-    corpora: dict[str, set[str] | None] = {}
     for row in finished_runs(sweep_dir):
         workdir = os.path.join(sweep_dir, row["name"])
         results = read_evals(workdir, int(row["steps"]))
-        source = json.dumps(json.loads(fileio.read_text(os.path.join(workdir, "summary.json")))
-                            .get("config", {}).get("data", {}), sort_keys=True)
-        if source not in corpora:
-            corpora[source] = training_questions(workdir)
-        seen = corpora[source]
-        for name, inputs in tasks.items():
-            metrics = results.get(name, {}).get(str(shots))
+        seen = corpora.seen(workdir)
+        for task in tasks_for_run(tasks, seen, unseen_only):
+            metrics = results.get(task.name, {}).get(str(shots))
             if metrics is None:
                 continue
-            evaluated = inputs[: int(metrics["examples"])]
-            points.append(Point(row["name"], name, int(row["n_params"]), int(row["tokens"]), float(row["flops"]),
+            evaluated = [ex.input for ex in task.examples[: int(metrics["examples"])]]
+            points.append(Point(row["name"], task.name, int(row["n_params"]), int(row["tokens"]), float(row["flops"]),
                                 metrics, None if seen is None else sum(q in seen for q in evaluated)))
     if not points:
-        raise ValueError(f"no run in {sweep_dir} has {shots}-shot results for {', '.join(tasks)}: evaluate first")
+        raise ValueError(f"no run in {sweep_dir} has {shots}-shot results for {', '.join(t.name for t in tasks)}: "
+                         f"evaluate first")
     return points
 
 
@@ -179,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/emergence")
     p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="score runs that lack results (--no_evaluate: only redraw)")
+    p.add_argument("--unseen_only", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate only questions absent from an arithmetic: training corpus")
     p.add_argument("--notes", default="", help="text appended to the README")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     limit = args.limit or None
@@ -187,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         missing = [q for q in paths if not os.path.isdir(q)]
         if missing:
             raise ValueError(f"no BIG-bench subtask at {missing[0]} (--tasks is the arithmetic directory)")
-        tasks = {t.name: [ex.input for ex in t.examples] for q in paths for t in load_tasks(q)}
+        tasks = [t for q in paths for t in load_tasks(q)]
+        corpora = Corpora()
         if args.evaluate:
-            evaluate_runs(args.sweep_dir, paths, [args.shots], limit)
-        points = gather(args.sweep_dir, tasks, args.shots)
+            evaluate_runs(args.sweep_dir, tasks, [args.shots], limit, args.unseen_only, corpora)
+        points = gather(args.sweep_dir, tasks, args.shots, args.unseen_only, corpora)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,12 +8,16 @@ a document is one operation at one number of digits, like a k-shot prompt of one
     "\\nQ: What is 12 plus 7?\\nA: 19\\n\\nQ: What is 40 plus 13?\\nA: 53"
 
 and a prompt is such a document cut after its last "A: ". Every problem is drawn from a generator
-seeded by (seed, split, document): nothing is read from BIG-bench (whose problems come from the same
-small space, so some coincide; `problems()` lets an evaluation count them).
+seeded by (seed, split, document): nothing is read from BIG-bench. Its problems come from the same
+small spaces (2-digit addition has 8,100 questions), so a corpus drawn from all of a space holds most
+of BIG-bench's questions by chance; `holdout` leaves a fixed share of every space out (a question
+is never generated when a hash of its text falls below it), and `questions()` lets an evaluation
+keep only the questions a model never saw.
 
-Source string: `arithmetic:SEED` or `arithmetic:seed=S,digits=N,documents=M,problems=P,ops=add+sub`
-(defaults below; `ops` from add, sub, mul, div). The validation split has
-`round(documents * data.val_fraction)` documents from its own stream.
+Source string: `arithmetic:SEED` or
+`arithmetic:seed=S,digits=N,documents=M,problems=P,ops=add+sub,holdout=F` (defaults below; `ops`
+from add, sub, mul, div). The validation split has `round(documents * data.val_fraction)` documents
+from its own stream.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-VERSION = "1"  # part of the source's fingerprint: bump it when the same spec makes other text
+from lmjax.data.sources import stable_fraction
+
+VERSION = "2"  # part of the source's fingerprint: bump it when the same spec makes other text
 INPUT_PREFIX = "\nQ: "  # BIG-bench's example_input_prefix default
 OUTPUT_PREFIX = "\nA: "  # its example_output_prefix default
 SEPARATOR = "\n"  # its few_shot_example_separator default
@@ -54,6 +60,7 @@ class Spec:
     documents: int = 20_000  # in the train split
     problems: int = 8  # per document
     ops: tuple[str, ...] = ("add", "sub", "mul", "div")
+    holdout: float = 0.0  # share of every problem space never generated (by a hash of the question)
 
 
 _INT_FIELDS = ("seed", "digits", "documents", "problems")
@@ -72,6 +79,13 @@ def parse(arg: str) -> Spec:
                 fields[key] = int(value)
             except ValueError:
                 raise ValueError(f"{where}: {key} must be an integer, got {value!r}") from None
+        elif key == "holdout":
+            try:
+                fields[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{where}: holdout must be a number, got {value!r}") from None
+            if not 0.0 <= fields[key] < 1.0:
+                raise ValueError(f"{where}: holdout must be in [0, 1), got {value}")
         elif key == "ops":
             ops = tuple(value.split("+"))
             unknown = [o for o in ops if o not in OPERATIONS]
@@ -80,7 +94,7 @@ def parse(arg: str) -> Spec:
                                  f"ops are {'+'.join(OPERATIONS)}")
             fields["ops"] = ops
         else:
-            raise ValueError(f"{where}: unknown key {key!r}; keys are {', '.join(_INT_FIELDS)}, ops")
+            raise ValueError(f"{where}: unknown key {key!r}; keys are {', '.join(_INT_FIELDS)}, ops, holdout")
         if key in ("digits", "documents", "problems") and fields[key] < 1:
             raise ValueError(f"{where}: {key} must be >= 1, got {fields[key]}")
     return Spec(**fields)
@@ -106,6 +120,19 @@ def _divisor(rng: np.random.Generator, dividend: int) -> int:
     return divisors[int(rng.integers(len(divisors)))]
 
 
+def held_out(question_text: str, holdout: float) -> bool:
+    """Whether a question is in the share of its space that is never generated."""
+    return stable_fraction(question_text) < holdout
+
+
+def _draw(rng: np.random.Generator, op: str, digits: int) -> tuple[int, int]:
+    a, b = (int(x) for x in rng.integers(*_low_high(digits), size=2))
+    if op == "div":  # a `digits`-digit dividend (not 0) over one of its divisors
+        a = max(a, 1)
+        b = _divisor(rng, a)
+    return a, b
+
+
 def problems(spec: Spec, split: str, document: int) -> list[tuple[int, str, int]]:
     """The (a, op, b) problems of one document of a split: a pure function of (seed, split, document)."""
     if split not in SPLIT_STREAMS:
@@ -113,10 +140,12 @@ def problems(spec: Spec, split: str, document: int) -> list[tuple[int, str, int]
     rng = np.random.default_rng([spec.seed, SPLIT_STREAMS[split], document])
     op = spec.ops[int(rng.integers(len(spec.ops)))]
     digits = int(rng.integers(1, spec.digits + 1))
-    operands_Px2 = rng.integers(*_low_high(digits), size=(spec.problems, 2)).tolist()
-    if op == "div":  # a `digits`-digit dividend (not 0) over one of its divisors
-        return [(max(a, 1), op, _divisor(rng, max(a, 1))) for a, _ in operands_Px2]
-    return [(a, op, b) for a, b in operands_Px2]
+    out = []
+    while len(out) < spec.problems:
+        a, b = _draw(rng, op, digits)
+        if not spec.holdout or not held_out(question(a, op, b), spec.holdout):
+            out.append((a, op, b))
+    return out
 
 
 def render(items: list[tuple[int, str, int]]) -> str:
