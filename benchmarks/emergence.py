@@ -29,7 +29,7 @@ import sys
 import time
 
 import matplotlib
-import numpy as np
+import matplotlib.ticker
 from matplotlib.figure import Figure
 
 from launch import collect
@@ -165,6 +165,9 @@ def plot(points: list[Point], shots: int) -> Figure:
                 ax.plot([p.flops for p in mine], [p.metrics[metric] for p in mine], "o-",
                         color=colours(0.85 * i / max(len(names) - 1, 1)), label=name)
         ax.set_xscale("log")
+        computes = sorted({p.flops for p in points})
+        ax.set_xticks(computes, [f"{c:.1e}" for c in computes], rotation=45, fontsize=7)  # one tick per run
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training compute 6ND (FLOPs)")
         ax.set_title(titles[metric], fontsize=9)
         if metric in ACCURACY:
