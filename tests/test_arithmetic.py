@@ -38,6 +38,8 @@ def test_held_out_questions_are_never_generated():
     held = {q for q in space if arithmetic.held_out(q, 0.5)}
     assert 20 < len(held) < 80  # about half of the 100 one-digit sums
     assert generated == space - held  # 800 draws cover every other one
+    with pytest.raises(ValueError, match="holdout=0.999 leaves"):
+        arithmetic.documents(arithmetic.parse("digits=1,documents=1,problems=1,ops=div,holdout=0.999"), "train", 0.0)
 
 
 def test_every_answer_is_what_python_computes_and_operands_have_the_digits_asked():
