@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    command = "python -m benchmarks.emergence " + " ".join(sys.argv[1:] if argv is None else argv)
+    shown = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--notes")]
+    command = "python -m benchmarks.emergence " + " ".join(shown)
     png, md = write(points, args.out, args.shots, command.strip(), args.notes)
     print(table(points))
     print(f"wrote {png} and {md}")
