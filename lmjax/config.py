@@ -290,7 +290,7 @@ def check(config: config_dict.ConfigDict) -> None:
 
     if not config.data.source.startswith(sources.SOURCE_KINDS):
         raise ValueError(
-            f"config.data.source={config.data.source!r}: expected pystdlib, text:<glob>, tfds:<name> or prepared:<dir>"
+            f"config.data.source={config.data.source!r}: expected pystdlib, text:<glob>, tfds:<name>, prepared:<dir> or arithmetic:<seed>"
         )
     check_decay_points(config)
 

@@ -7,6 +7,8 @@ Source kinds:
   tfds:<name>[/<config>]  a TensorFlow Datasets text dataset read through `tfds.data_source`
                     (ArrayRecord; no TensorFlow needed).
   prepared:<dir>    the output of `python -m lmjax.data.prepare` (cleaned train/validation jsonl).
+  arithmetic:<seed> a synthetic arithmetic corpus in BIG-bench's question format, made from a seed
+                    (`lmjax.data.arithmetic`, which lists its other options).
 
 Every split has a `fingerprint` (a content hash, or the dataset identity for tfds) so that caches
 keyed by it (tokenizers, token arrays) are invalidated when the text changes.
@@ -24,7 +26,7 @@ import sysconfig
 from typing import Callable, Sequence
 
 SPLITS = ("train", "validation")
-SOURCE_KINDS = ("pystdlib", "text:", "tfds:", "prepared:")
+SOURCE_KINDS = ("pystdlib", "text:", "tfds:", "prepared:", "arithmetic:")
 DOC_SPLITS = ("file", "blank_line")  # text: one document per file, or per blank-line block
 TEXT_SPLITS = ("hash", "tail")  # text: validation by a hash of each document, or the tail of the text
 PYSTDLIB_EXCLUDED_DIRS = frozenset(
@@ -268,6 +270,21 @@ def _tfds_split(data_cfg, split: str, name: str, source: str) -> Split:
 
 
 # ---------------------------------------------------------------------------------------------
+# arithmetic:<spec>
+
+
+def _arithmetic_split(data_cfg, split: str, arg: str, source: str) -> Split:
+    from lmjax.data import arithmetic
+
+    spec = arithmetic.parse(arg)
+    count = arithmetic.num_documents(spec, split, data_cfg.val_fraction)
+    # The text is a pure function of the spec: fingerprint that, and generate only on a cache miss.
+    fp = content_fingerprint([], source, repr(spec), split, str(count), arithmetic.VERSION)
+    return Split(source, split, fp, lambda: arithmetic.documents(spec, split, data_cfg.val_fraction),
+                 {"documents": count})
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def get_split(data_cfg, split: str) -> Split:
@@ -283,10 +300,12 @@ def get_split(data_cfg, split: str) -> Split:
         result = _prepared_split(data_cfg, split, arg, source)
     elif kind == "tfds" and arg:
         result = _tfds_split(data_cfg, split, arg, source)
+    elif kind == "arithmetic" and arg:
+        result = _arithmetic_split(data_cfg, split, arg, source)
     else:
         raise ValueError(
-            f"unknown data.source {source!r}: expected pystdlib, text:<glob>, tfds:<name>[/<config>] "
-            f"or prepared:<dir>"
+            f"unknown data.source {source!r}: expected pystdlib, text:<glob>, tfds:<name>[/<config>], "
+            f"prepared:<dir> or arithmetic:<seed>"
         )
     max_docs = data_cfg.get("max_documents", None)
     if max_docs is not None and kind != "tfds":
