@@ -1,13 +1,14 @@
-"""Exposure bias on addition: accuracy vs output length, free-running vs teacher-forced, for models
+"""Exposure bias: accuracy vs output length, free-running vs teacher-forced, for models
 trained with teacher forcing and with scheduled sampling at the same steps and tokens.
 
-    python -m benchmarks.exposure_bias [--steps=1500] [--width=8] [--out=benchmarks/results/exposure_bias]
+    python -m benchmarks.exposure_bias [--task=digit_sum|addition] [--steps=1000] [--out=...]
 
-A seeded generator (`lmjax.evals.exposure.addition_problems`) writes the training problems, one
-per line of a JSONL file read as `text:PATH` (least-significant digit first, zero-padded:
-"7500+8600=52100"); the evaluation problems are drawn with another seed and kept out of training.
-Each run is a 2-layer transformer (RoPE, so the fixed distances between an answer digit and its
-operand digits are the same wherever a problem falls in a packed row) with a character vocabulary,
+A seeded generator (`lmjax.evals.exposure`: `digit_sum_problems`, or `addition_problems`,
+least-significant digit first and zero-padded: "7500+8600=52100") writes the training problems,
+one per line of a JSONL file read as `text:PATH`; the evaluation problems are drawn with another
+seed (for addition, kept out of training). Each run is a 2-layer transformer (RoPE, so the
+distances between an answer digit and the digits it depends on are the same wherever a problem
+falls in a packed row) with a character vocabulary,
 trained by `lmjax.train.trainer` with the same data order, steps and batch; only
 `train.scheduled_sampling` differs. Then `lmjax.evals.exposure` scores every evaluation answer
 teacher-forced and generates it greedily. Writes README.md, results.json and
@@ -72,6 +73,32 @@ def run_config(corpus: str, cache: str, args: argparse.Namespace, name: str, sch
     return c
 
 
+def answer_tokens(args: argparse.Namespace) -> int:
+    """Tokens of every answer, its EOS included."""
+    return (args.width + 1 if args.task == "addition" else args.length) + 1
+
+
+def problems(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(training, evaluation) problems of --task."""
+    if args.task == "addition":
+        evaluation = exposure.addition_problems(args.eval_problems, args.width, seed=1)
+        held_out = [q for q, _ in evaluation]
+        return exposure.addition_problems(args.train_problems, args.width, seed=0, exclude=held_out), evaluation
+    return (exposure.digit_sum_problems(args.train_problems, args.terms, args.length, seed=0),
+            exposure.digit_sum_problems(args.eval_problems, args.terms, args.length, seed=1))
+
+
+def describe_task(args: argparse.Namespace) -> str:
+    if args.task == "addition":
+        return (f"a + b with operands uniform in [0, 10^{args.width}), every number written least-significant digit "
+                f"first and zero-padded to {args.width} digits (the sum to {args.width + 1}): \"7500+8600=52100\" "
+                f"is 57 + 68 = 125 at width 4. Evaluation problems are never in training.")
+    return (f"{args.terms} uniform starting digits and a colon, then {args.length} digits, each the last digit of "
+            f"the sum of the {args.terms} before it (\"58:33692...\" at 2, the Fibonacci numbers mod 10); there are "
+            f"only {10 ** args.terms:,} distinct problems, so every evaluation problem also occurs in training: what "
+            "is measured is how well the rule is executed, not generalization.")
+
+
 def plot(results: dict, args: argparse.Namespace, path: str) -> None:
     fig, (tokens_ax, exact_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for (name, run), color in zip(results["runs"].items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
@@ -89,7 +116,7 @@ def plot(results: dict, args: argparse.Namespace, path: str) -> None:
     tokens_ax.set_title("accuracy of output token t")
     exact_ax.set_title("exact match of the first t output tokens")
     for ax in (tokens_ax, exact_ax):
-        ax.set_xlabel(f"output length t (answer digits, then EOS at t = {args.width + 2})")
+        ax.set_xlabel(f"output length t (answer digits, then EOS at t = {answer_tokens(args)})")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     tokens_ax.set_ylabel("accuracy")
@@ -100,21 +127,20 @@ def plot(results: dict, args: argparse.Namespace, path: str) -> None:
 
 
 def markdown(results: dict, args: argparse.Namespace) -> str:
-    command = (f"python -m benchmarks.exposure_bias --steps={args.steps} --width={args.width} "
+    command = (f"python -m benchmarks.exposure_bias --task={args.task} --steps={args.steps} --width={args.width} "
+               f"--terms={args.terms} --length={args.length} "
                f"--train_problems={args.train_problems} --eval_problems={args.eval_problems} "
                f"--embed_dim={args.embed_dim} --lr={args.lr} --cap={args.cap} --runs={args.runs}")
     lines = [
-        "# Exposure bias on addition: teacher forcing vs scheduled sampling",
+        f"# Exposure bias on {args.task}: teacher forcing vs scheduled sampling",
         "",
         f"`{command}`",
         f"(CPU, {platform.machine()}, Python {platform.python_version()}, on a shared machine; the whole script "
         f"took {results['seconds']:.0f} s).",
         "",
-        f"Task: a + b with operands uniform in [0, 10^{args.width}), every number written least-significant digit "
-        f"first and zero-padded to {args.width} digits (the sum to {args.width + 1}): \"7500+8600=52100\" is "
-        f"57 + 68 = 125 at width 4. {args.train_problems:,} seeded training problems, one document each (packed "
-        f"into rows as one EOS-joined stream); {args.eval_problems} evaluation problems from another seed, none "
-        f"in training. Models: 2 layers, d={args.embed_dim}, 4 heads, RoPE, character vocabulary (13 ids), "
+        f"Task: {describe_task(args)} {args.train_problems:,} seeded training problems, one document each (packed "
+        f"into rows as one EOS-joined stream); {args.eval_problems} evaluation problems from another seed. "
+        f"Models: 2 layers, d={args.embed_dim}, 4 heads, RoPE, character vocabulary, "
         f"seq_len 64, batch 32, {args.steps} steps, AdamW at peak lr "
         f"{args.lr} (cosine): every run sees the same {results['tokens']:,} tokens in the same order.",
         "",
@@ -161,10 +187,13 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--train_problems", type=int, default=150_000)
-    parser.add_argument("--eval_problems", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--task", choices=("digit_sum", "addition"), default="digit_sum")
+    parser.add_argument("--terms", type=int, default=2, help="digit_sum: digits summed")
+    parser.add_argument("--length", type=int, default=16, help="digit_sum: answer digits")
+    parser.add_argument("--width", type=int, default=4, help="addition: operand digits")
+    parser.add_argument("--train_problems", type=int, default=100_000)
+    parser.add_argument("--eval_problems", type=int, default=300)
     parser.add_argument("--embed_dim", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--cap", type=float, default=0.25)
@@ -178,11 +207,10 @@ def main() -> None:
         parser.error(f"--runs: unknown run(s) {unknown}; choose from {list(known)}")
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
-    evaluation = exposure.addition_problems(args.eval_problems, args.width, seed=1)
-    training = exposure.addition_problems(args.train_problems, args.width, seed=0, exclude=[q for q, _ in evaluation])
+    training, evaluation = problems(args)
     results: dict = {"runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = os.path.join(tmp, "addition.jsonl")
+        corpus = os.path.join(tmp, f"{args.task}.jsonl")
         with open(corpus, "w") as f:
             f.writelines(json.dumps({"text": q + a}) + "\n" for q, a in training)
         for name in names:

@@ -25,6 +25,20 @@ def test_addition_problems_are_seeded_and_correct():
         exposure.addition_problem(100, 1, 2)
 
 
+def test_digit_sum_problems_are_seeded_and_follow_the_rule():
+    assert exposure.digit_sum_problem("123", 8) == ("123:", "61078503")  # 1+2+3, 2+3+6=11, 3+6+1=10, ...
+    assert exposure.digit_sum_problem("58", 5) == ("58:", "31459")  # 5+8=13, 8+3=11, 3+1, 1+4, 4+5
+    problems = exposure.digit_sum_problems(200, 3, 12, seed=3)
+    assert problems == exposure.digit_sum_problems(200, 3, 12, seed=3)
+    assert problems != exposure.digit_sum_problems(200, 3, 12, seed=4)
+    for question, answer in problems:
+        digits = [int(c) for c in question.rstrip(":") + answer]
+        assert len(question) == 4 and len(answer) == 12
+        assert all(digits[i] == (digits[i - 3] + digits[i - 2] + digits[i - 1]) % 10 for i in range(3, len(digits)))
+    with pytest.raises(ValueError, match="at least two digits"):
+        exposure.digit_sum_problem("1", 4)
+
+
 E = 12  # EOS of the character tokenizer of "0123456789+="
 
 

@@ -1,12 +1,17 @@
 """Exposure bias: how much worse a model does reading its own outputs than reading the gold ones.
 
 A model trained with teacher forcing only ever conditions on gold prefixes; when it generates, it
-conditions on its own, and one wrong token can derail the rest ("errors compound"). The task here
-is addition of `width`-digit numbers written least-significant digit first and zero-padded
-("7500+8600=52100" is 57 + 68 = 125 at width 4): each answer digit is a function of two operand
-digits at fixed distances and a carry, so a small model can produce the answer digit by digit, and
-the carry into a digit is most easily read off the digit written before it (it is 1 exactly when
-that digit is smaller than the sum of its two operand digits), so an error there can spread.
+conditions on its own, and one wrong token can derail the rest ("errors compound"). Two seeded
+tasks where they do:
+  addition       `width`-digit numbers written least-significant digit first and zero-padded
+                 ("7500+8600=52100" is 57 + 68 = 125 at width 4): each answer digit is a function of
+                 two operand digits at fixed distances and a carry, which is most easily read off the
+                 digit written before it (it is 1 exactly when that digit is smaller than the sum of
+                 its two operand digits), so an error there can spread.
+  digit_sum      k starting digits, then each digit the last digit of the sum of the k before it
+                 (k = 2: Fibonacci mod 10): only nearby tokens matter, and after a wrong digit the
+                 gold continuation can only be recovered by recomputing the wrong digit from the
+                 ones before it instead of trusting it.
 
 Accuracy vs output length: for each t, over the answers with at least t tokens (the answer's end,
 EOS, counted as its last token):
@@ -55,6 +60,25 @@ def addition_problems(count: int, width: int, seed: int, exclude: Iterable[str] 
         if problem[0] not in excluded:
             problems.append(problem)
     return problems
+
+
+def digit_sum_problem(start: str, length: int) -> tuple[str, str]:
+    """(question, answer): k = len(start) starting digits, then the next `length` digits of the
+    sequence in which each digit is the last digit of the sum of the k before it (k = 2: the
+    Fibonacci numbers mod 10; "123:" -> "61078503" at k = 3, length 8)."""
+    if len(start) < 2 or not start.isdigit():
+        raise ValueError(f"digit_sum_problem starts from at least two digits, got {start!r}")
+    digits = [int(c) for c in start]
+    for _ in range(length):
+        digits.append(sum(digits[-len(start):]) % 10)
+    return start + ":", "".join(map(str, digits[len(start):]))
+
+
+def digit_sum_problems(count: int, terms: int, length: int, seed: int) -> list[tuple[str, str]]:
+    """`count` seeded problems summing `terms` digits, their starting digits uniform (there are only
+    10**terms distinct problems)."""
+    rng = np.random.default_rng(seed)
+    return [digit_sum_problem("".join(map(str, rng.integers(0, 10, size=terms))), length) for _ in range(count)]
 
 
 @dataclasses.dataclass(frozen=True)
