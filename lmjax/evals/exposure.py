@@ -35,9 +35,6 @@ import numpy as np
 
 from lmjax.evals.scoring import Scorer
 
-METRICS = ("teacher_forced_token_acc", "free_running_token_acc", "teacher_forced_exact", "free_running_exact")
-
-
 def addition_problem(a: int, b: int, width: int) -> tuple[str, str]:
     """(question, answer) of a + b: operands as `width` digits, the sum as width + 1, every number
     least-significant digit first."""
@@ -109,7 +106,9 @@ def run_problems(scorer: Scorer, problems: Sequence[tuple[str, str]]) -> list[Ou
 
 def accuracy_by_length(outcomes: Sequence[Outcome]) -> dict[int, dict[str, float]]:
     """For each output length t (1 to the longest answer): the number of answers with at least t
-    tokens and the four METRICS over them."""
+    tokens and the four accuracies of the module docstring over them."""
+    if not outcomes:
+        raise ValueError("accuracy_by_length needs at least one outcome")
     table = {}
     for t in range(1, max(len(o.gold) for o in outcomes) + 1):
         group = [o for o in outcomes if len(o.gold) >= t]
