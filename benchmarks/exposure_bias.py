@@ -1,18 +1,18 @@
 """Exposure bias: accuracy vs output length, free-running vs teacher-forced, for models
 trained with teacher forcing and with scheduled sampling at the same steps and tokens.
 
-    python -m benchmarks.exposure_bias [--task=digit_sum|addition] [--steps=1000] [--out=...]
+    python -m benchmarks.exposure_bias [--task=digit_sum|addition] [--steps=800] [--out=...] [--rewrite]
 
 A seeded generator (`lmjax.evals.exposure`: `digit_sum_problems`, or `addition_problems`,
 least-significant digit first and zero-padded: "7500+8600=52100") writes the training problems,
 one per line of a JSONL file read as `text:PATH`; the evaluation problems are drawn with another
 seed (for addition, kept out of training). Each run is a 2-layer transformer (RoPE, so the
 distances between an answer digit and the digits it depends on are the same wherever a problem
-falls in a packed row) with a character vocabulary,
-trained by `lmjax.train.trainer` with the same data order, steps and batch; only
-`train.scheduled_sampling` differs. Then `lmjax.evals.exposure` scores every evaluation answer
-teacher-forced and generates it greedily. Writes README.md, results.json and
-accuracy_vs_length.png to --out.
+falls in a packed row) with a character vocabulary, trained by `lmjax.train.trainer` with the
+same data order, steps and batch; only `train.scheduled_sampling` differs. Then
+`lmjax.evals.exposure` scores every evaluation answer teacher-forced and generates it greedily.
+Writes README.md, results.json and accuracy_vs_length.png to --out (--rewrite: only the first and
+last, from the results.json there).
 """
 
 from __future__ import annotations
