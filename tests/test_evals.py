@@ -99,10 +99,14 @@ def test_loglikelihoods_equal_the_full_forward_by_hand(cfg, params, tokenizer, s
     lp_BxLxV = exact_log_probs(cfg, params, [row[:-1] for row in rows])
     for (context, continuation), (score,), lp in zip(REQUESTS, scores, lp_BxLxV):
         context_ids = [tokenizer.eos_id] + tokenizer.encode(context)
-        expected, greedy = by_hand(cfg, params, context_ids, tokenizer.encode(continuation), lp)
+        continuation_ids = tokenizer.encode(continuation)
+        expected, greedy = by_hand(cfg, params, context_ids, continuation_ids, lp)
         assert score.logprob == pytest.approx(expected, rel=1e-5, abs=1e-5)
         assert score.num_tokens == len(continuation)
         assert score.is_greedy == greedy
+        ids = context_ids + continuation_ids
+        assert score.argmax_hits == tuple(int(np.argmax(lp[t])) == ids[t + 1]
+                                          for t in range(len(context_ids) - 1, len(ids) - 1))
     assert scores[0][0].logprob < -1
 
 

@@ -5,6 +5,7 @@
   scoring.py    jitted log-likelihoods of continuations, greedy continuations, edit distance
   harness.py    the metrics of a task, a checkpoint, every checkpoint of a run; DIR/evals/<step>.json
   induction.py  the in-context-learning (induction) score over a run; a synthetic key->value task
+  exposure.py   exposure bias: accuracy vs output length, free-running vs teacher-forced, on addition
   __main__.py   `python -m lmjax.evals --workdir=DIR --tasks=PATH[,PATH] --shots=0,1,5`
 """
 

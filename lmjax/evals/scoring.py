@@ -70,12 +70,15 @@ def _bucket(n: int, cap: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Score:
-    """A continuation's summed log-probability (nats), its token count, and whether every one of its
-    tokens is the model's argmax (greedy decoding would produce it)."""
+    """A continuation's summed log-probability (nats), its token count, whether every one of its
+    tokens is the model's argmax given the gold tokens before it (greedy decoding would produce it),
+    and that for each token (teacher-forced accuracy, which exposure-bias studies compare with free
+    running)."""
 
     logprob: float
     num_tokens: int
     is_greedy: bool
+    argmax_hits: tuple[bool, ...]
 
 
 class Scorer:
@@ -155,10 +158,11 @@ class Scorer:
             inputs[r, : len(seq) - 1] = seq[:-1]
             targets[r, : len(seq) - 1] = seq[1:]
             weights[r, len(c) - 1 : len(seq) - 1] = 1
-        logprob_B, greedy_B = _continuation_scores(self.cfg, self.params, **self._place(
+        logprob_B, hits_BxL = _continuation_scores(self.cfg, self.params, **self._place(
             {"inputs": inputs, "targets": targets, "weights": weights}))
-        logprob_B, greedy_B = np.asarray(logprob_B), np.asarray(greedy_B)
-        return [Score(float(logprob_B[r]), len(x), bool(greedy_B[r])) for r, (_, x) in enumerate(rows)]
+        logprob_B, hits_BxL = np.asarray(logprob_B), np.asarray(hits_BxL)
+        hits = [tuple(bool(h) for h in hits_BxL[r, len(c) - 1 : len(c) + len(x) - 1]) for r, (c, x) in enumerate(rows)]
+        return [Score(float(logprob_B[r]), len(x), all(hits[r]), hits[r]) for r, (_, x) in enumerate(rows)]
 
     def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuations (token ids, up to EOS) of `prompts`, each cut from the left to leave
@@ -181,13 +185,13 @@ class Scorer:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _continuation_scores(cfg, params, inputs, targets, weights):
-    """(sum of weighted target log-probabilities per row, whether every weighted target is the argmax)."""
+    """(sum of weighted target log-probabilities per row, whether each target is the argmax)."""
     logits_BxLxV = Transformer(cfg).apply({"params": params}, inputs)
     logprobs_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
     target_BxL = jnp.take_along_axis(logprobs_BxLxV, targets[..., None], axis=-1)[..., 0]
     weights_BxL = weights.astype(jnp.float32)
     is_argmax_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets
-    return jnp.sum(target_BxL * weights_BxL, axis=-1), jnp.all(is_argmax_BxL | (weights == 0), axis=-1)
+    return jnp.sum(target_BxL * weights_BxL, axis=-1), is_argmax_BxL
 
 
 def leading_tokens(tokenizer: data.Tokenizer, ids: Sequence[int], text: str) -> list[int]:
