@@ -24,6 +24,7 @@ setup(
         "array-record>=0.8.6",
         "grain>=0.2.18",
         "sentencepiece>=0.2.3",
+        "tiktoken>=0.7",  # data.tokenizer=gpt2
         "ml-collections>=1.1.0",
         "absl-py>=2.1",
         "numpy>=1.26",
@@ -33,7 +34,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-                 "starlette>=0.40", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20", "qwix>=0.1.8"],
+                 "starlette>=0.40", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20", "qwix>=0.1.8",
+                 "tokenizers>=0.20"],
+        # data.tokenizer=<path>/tokenizer.json: Hugging Face tokenizers (a Llama tokenizer as is).
+        "hf": ["tokenizers>=0.20"],
         # Weight-only int8 / int4 quantization (--quantize): Google's qwix.
         "quant": ["qwix>=0.1.8"],
         "notebooks": ["jupyter", "ipykernel>=6.29", "nbformat>=5.10"],
