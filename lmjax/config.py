@@ -74,7 +74,7 @@ def default_config() -> config_dict.ConfigDict:
     m.scan_layers = False  # nn.scan over blocks: one compiled block, fast compiles of deep models
 
     d = c.data = config_dict.ConfigDict()
-    d.source = "pystdlib"  # pystdlib | text:<glob> | tfds:<name>[/<config>] | prepared:<dir> (lmjax.data.prepare output)
+    d.source = "pystdlib"  # pystdlib | text:<glob> | tfds:<name>[/<config>] | prepared:<dir> (lmjax.data.prepare output) | store:<dir> (prepare --store: token shards)
     d.text_key = "text"  # field holding the text in .jsonl and tfds examples
     d.train_split = "train"  # split names (tfds: any split spec such as train[:90%])
     d.val_split = "validation"
@@ -293,7 +293,8 @@ def check(config: config_dict.ConfigDict) -> None:
     tokenizers.check_name(config.data.tokenizer)
     if not config.data.source.startswith(sources.SOURCE_KINDS):
         raise ValueError(
-            f"config.data.source={config.data.source!r}: expected pystdlib, text:<glob>, tfds:<name> or prepared:<dir>"
+            f"config.data.source={config.data.source!r}: expected pystdlib, text:<glob>, tfds:<name>, prepared:<dir> "
+            f"or store:<dir>"
         )
     check_decay_points(config)
 

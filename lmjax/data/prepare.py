@@ -1,4 +1,11 @@
-"""`python -m lmjax.data.prepare --config=configs/X.py --out=DIR`: clean a source once, keep it.
+"""`python -m lmjax.data.prepare --config=configs/X.py --out=DIR [--store]`: clean a source once,
+or tokenize it once into a token store, and keep it.
+
+With --store: tokenize `data.source` with `data.tokenizer` into a token store at DIR (store.py:
+binary shards and an index; resumable, streaming, no cleaning). Train on it with
+`--config.data.source=store:DIR`. A cleaned `prepared:<dir>` can itself be stored.
+
+Without --store:
 
 Stages, in order, over the train split followed by the validation split (so dedup also removes
 validation documents that copy training ones): quality filters, exact dedup, MinHash/LSH near
@@ -26,7 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lmjax import cli
-from lmjax.data import dedup, filters, sources, tokenizers
+from lmjax.data import dedup, filters, sources, store, tokenizers
 
 META = "meta.json"
 
@@ -121,15 +128,31 @@ def prepare(data_cfg, out_dir: str, *, log=print) -> dict:
     return meta
 
 
+def prepare_store(data_cfg, out_dir: str, *, shard_tokens: int = 2**26, batch_bytes: int = 8 << 20,
+                  log=print) -> dict:
+    """Tokenize both splits of `data_cfg.source`, streamed, into a token store at `out_dir`."""
+    tokenizer = tokenizers.build_tokenizer(data_cfg, verbose=True)
+    split_docs = {split: sources.get_split(data_cfg, split).stream() for split in sources.SPLITS}
+    if isinstance(tokenizer, tokenizers.SentencePieceTokenizer):  # a store:DIR run loads it from here
+        tokenizer.save(os.path.join(out_dir, store.SPM_MODEL))
+    return store.write_store(split_docs, tokenizer, data_cfg.tokenizer, out_dir, source=sources.describe(data_cfg),
+                             shard_tokens=shard_tokens, batch_bytes=batch_bytes, log=log)
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset file (its data section is used).")
 _OUT = flags.DEFINE_string("out", None, "Directory to write the prepared corpus and tokenizer to.")
+_STORE = flags.DEFINE_bool("store", False, "Write a token store (tokenized shards, no cleaning) instead.")
+_SHARD_TOKENS = flags.DEFINE_integer("shard_tokens", 2**26, "--store: tokens per shard (closed at a document end).")
 
 
 def main(argv) -> None:
     del argv
     cfg = _CONFIG.value
     data_cfg = cfg.data if "data" in cfg else cfg
-    cli.run(lambda: prepare(data_cfg, _OUT.value))
+    if _STORE.value:
+        cli.run(lambda: prepare_store(data_cfg, _OUT.value, shard_tokens=_SHARD_TOKENS.value))
+    else:
+        cli.run(lambda: prepare(data_cfg, _OUT.value))
 
 
 if __name__ == "__main__":

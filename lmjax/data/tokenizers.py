@@ -269,6 +269,9 @@ def build_tokenizer(data_cfg, *, verbose: bool = False, use_prepared: bool = Tru
         return CharTokenizer(sorted(chars))
     if data_cfg.get("tokenizer_path", None):
         return SentencePieceTokenizer.load(data_cfg.tokenizer_path)
+    source_kind, _, source_dir = data_cfg.source.partition(":")
+    if source_kind == "store":  # tokenized already: the model it was tokenized with
+        return SentencePieceTokenizer.load(os.path.join(os.path.expanduser(source_dir), "tokenizer.model"))
     prepared = _prepared_model(data_cfg) if use_prepared else None
     if prepared:
         return SentencePieceTokenizer.load(prepared)
