@@ -22,7 +22,8 @@ import time
 
 import pytest
 
-from test_main import REPO, main_env, write_tiny_preset
+from lmjax.data import prepare
+from test_main import REPO, main_env, tiny_config, write_tiny_preset
 
 STEPS = 40
 DEVICES = "--xla_force_host_platform_device_count={}"
@@ -81,9 +82,13 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_devices(runs):
+    """Here the two processes read the corpus from a token store (each its half of every batch, from
+    the shards on disk) and the one process from memory: the same batches, so the same run."""
     directory, preset, reference = runs
+    store_dir = os.path.join(directory, "store")
+    prepare.prepare_store(tiny_config(directory).data, store_dir, shard_tokens=20_000, log=lambda s: None)
     workdir = os.path.join(directory, "two_processes")
-    outputs = finish(start_pair(preset, workdir))
+    outputs = finish(start_pair(preset, workdir, f"--config.data.source=store:{store_dir}"))
     assert "final val loss" in outputs[0]
     assert_same_run(records(reference), records(workdir))
     with open(os.path.join(workdir, "summary.json")) as f:
