@@ -1,7 +1,7 @@
 """How fast is the data pipeline, and how much memory does it take, on a corpus larger than memory?
 
     python benchmarks/data_pipeline.py [--gb=2] [--small_gb=0.25] [--workdir=/tmp/lmjax_data_bench]
-    python benchmarks/data_pipeline.py --mode=memory [--config=configs/gpt_small.py] [--batches=500]
+    python benchmarks/data_pipeline.py --mode=memory [--preset=configs/gpt_small.py] [--batches=500]
 
 --mode=store (the default) generates two seeded corpora from the embedded corpus (windows of this
 interpreter's standard library files, one JSON line per document; never committed: they live under
@@ -27,6 +27,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+_TIKTOKEN = os.path.join(ROOT, "..", "shared", "data", "tiktoken")  # GPT-2's BPE file, offline (else downloaded)
+if os.path.isdir(_TIKTOKEN):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(_TIKTOKEN))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -35,14 +38,14 @@ from lmjax import cli  # noqa: E402
 from lmjax import config as config_lib  # noqa: E402
 
 _DEFAULT = "configs/gpt_small.py"
-_CONFIG = config_flags.DEFINE_config_file("config", None, f"--mode=memory: preset (default {_DEFAULT}).")
+_PRESET = config_flags.DEFINE_config_file("preset", None, f"--mode=memory: preset (default {_DEFAULT}).")
 _MODE = flags.DEFINE_enum("mode", "store", ["store", "memory"], "What to measure.")
 _BATCHES = flags.DEFINE_integer("batches", 500, "Batches to time.")
 _GB = flags.DEFINE_float("gb", 2.0, "--mode=store: size of the large generated corpus, in GB of text.")
 _SMALL_GB = flags.DEFINE_float("small_gb", 0.25, "--mode=store: size of the small corpus (reader RSS at two sizes).")
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "lmjax_data_bench"),
                                "--mode=store: where corpora and stores are written.")
-_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "data_pipeline.md"), "Results file.")
+_RESULTS = flags.DEFINE_string("results", os.path.join(ROOT, "benchmarks", "results", "data_pipeline.md"), "Results file.")
 _READ_SECONDS = flags.DEFINE_float("read_seconds", 20.0, "--mode=store: seconds of reading per measurement.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one measured step (prepare | read) and print JSON.")
 _ARGS = flags.DEFINE_list("args", [], "Internal: arguments of --child.")
@@ -180,6 +183,7 @@ def measure_store() -> None:
              "its own process and reports its own peak RSS (`ru_maxrss`).", "",
              "| corpus | text | docs | prepare | MB/s of text | tokens | tokens/s | prepare peak RSS |",
              "|---|---|---|---|---|---|---|---|"]
+    load_before = os.getloadavg()[1]
     reads = []
     for name, gb in (("small", _SMALL_GB.value), ("large", _GB.value)):
         corpus = os.path.join(_WORKDIR.value, f"corpus-{gb:g}gb")
@@ -208,9 +212,11 @@ def measure_store() -> None:
                      f"{r['startup_seconds']:.1f} s | {r['tokens_per_second'] / 1e6:.1f}M | "
                      f"{r['tokens_per_second'] / need['tokens_per_second_per_host']:.1f} | "
                      f"{r['peak_rss'] / 2**30:.2f} GiB |")
+    lines += ["", f"5-minute load average of the shared machine: {load_before:.1f} at the start, "
+              f"{os.getloadavg()[1]:.1f} at the end (on {os.cpu_count()} cores): throughputs are those of a busy machine."]
     text = "\n".join(lines) + "\n"
     print(text)
-    with open(_OUT.value, "w") as f:
+    with open(_RESULTS.value, "w") as f:
         f.write(text)
 
 
@@ -256,7 +262,7 @@ def main(argv) -> None:
     elif _CHILD.value == "read":
         print(json.dumps(child_read(*_ARGS.value)))
     elif _MODE.value == "memory":
-        cli.run(lambda: measure_in_memory(_CONFIG.value or config_lib.load(_DEFAULT)))
+        cli.run(lambda: measure_in_memory(_PRESET.value or config_lib.load(_DEFAULT)))
     else:
         cli.run(measure_store)
 

@@ -259,9 +259,13 @@ def _prepared_split(data_cfg, split: str, directory: str, source: str) -> Split:
         raise FileNotFoundError(
             f"data.source {source!r}: {path} not found (write it with python -m lmjax.data.prepare)"
         )
-    with open(path, encoding="utf-8") as f:
-        docs = [json.loads(line)["text"] for line in f if line.strip()]
-    return Split(source, split, content_fingerprint(docs, source, split), lambda: docs, {})
+
+    def stream() -> Iterator[str]:
+        with open(path, encoding="utf-8") as f:
+            yield from (json.loads(line)["text"] for line in f if line.strip())
+
+    load = functools.cache(lambda: list(stream()))
+    return Split(source, split, lambda: content_fingerprint(load(), source, split), load, {}, stream)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -202,10 +202,8 @@ def write_store(split_docs: dict[str, Iterable[str]], tokenizer, tokenizer_kind:
                              batch_bytes=batch_bytes, log=log)
         if not shards and split == "train":
             raise ValueError(f"data.source {source.get('source')!r} has no documents in split {split!r}")
-        counts = np.zeros(tokenizer.vocab_size, np.int64)
-        for shard in shards:
-            counts += np.bincount(_read_file(os.path.join(directory, shard["name"] + ".tokens"), dtype),
-                                  minlength=tokenizer.vocab_size)[: tokenizer.vocab_size]
+        counts = _count_ids([os.path.join(directory, s["name"] + ".tokens") for s in shards if s["num_tokens"]],
+                            dtype, tokenizer.vocab_size)
         with open(os.path.join(directory, COUNTS + ".tmp"), "wb") as f:
             np.save(f, counts)
         os.replace(os.path.join(directory, COUNTS + ".tmp"), os.path.join(directory, COUNTS))
@@ -226,8 +224,15 @@ def write_store(split_docs: dict[str, Iterable[str]], tokenizer, tokenizer_kind:
     return index
 
 
-def _read_file(path: str, dtype: np.dtype) -> np.ndarray:
-    return np.fromfile(path, dtype=dtype)
+def _count_ids(paths: Sequence[str], dtype: np.dtype, vocab_size: int, chunk: int = 1 << 22) -> np.ndarray:
+    """How often each id occurs in the shards, read a few MB at a time."""
+    counts = np.zeros(vocab_size, np.int64)
+    for path in paths:
+        ids = np.memmap(path, dtype=dtype, mode="r")
+        for start in range(0, len(ids), chunk):
+            counts += np.bincount(ids[start : start + chunk], minlength=vocab_size)[:vocab_size]
+        del ids
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------
