@@ -1,9 +1,9 @@
 """How fast is the data pipeline, and how much memory does it take, on a corpus larger than memory?
 
     python benchmarks/data_pipeline.py [--gb=2] [--small_gb=0.25] [--workdir=/tmp/lmjax_data_bench]
-    python benchmarks/data_pipeline.py --mode=memory [--preset=configs/gpt_small.py] [--batches=500]
+    python benchmarks/data_pipeline.py --config=configs/gpt_small.py [--batches=500]
 
---mode=store (the default) generates two seeded corpora from the embedded corpus (windows of this
+Without --config: generates two seeded corpora from the embedded corpus (windows of this
 interpreter's standard library files, one JSON line per document; never committed: they live under
 --workdir), prepares a GPT-2-tokenized token store of each (`lmjax.data.prepare --store`) in a
 child process, then reads batches of gpt2_124m rows from each store in another child process.
@@ -11,7 +11,7 @@ Each child reports its own peak RSS. Reader throughput is set against what a gpt
 on a v5e-16 consumes per host, from the AOT step-time estimate (FLOPs at 50% MFU). Results go to
 benchmarks/results/data_pipeline.md.
 
---mode=memory prints the in-memory pipeline's one-time costs (tokenizer training, tokenizing each
+With --config: prints the in-memory pipeline's one-time costs (tokenizer training, tokenizing each
 split) and its steady-state tokens/s at the preset's batch shape.
 """
 
@@ -37,16 +37,14 @@ from ml_collections import config_flags  # noqa: E402
 from lmjax import cli  # noqa: E402
 from lmjax import config as config_lib  # noqa: E402
 
-_DEFAULT = "configs/gpt_small.py"
-_PRESET = config_flags.DEFINE_config_file("preset", None, f"--mode=memory: preset (default {_DEFAULT}).")
-_MODE = flags.DEFINE_enum("mode", "store", ["store", "memory"], "What to measure.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Measure the in-memory pipeline of this preset instead.")
 _BATCHES = flags.DEFINE_integer("batches", 500, "Batches to time.")
-_GB = flags.DEFINE_float("gb", 2.0, "--mode=store: size of the large generated corpus, in GB of text.")
-_SMALL_GB = flags.DEFINE_float("small_gb", 0.25, "--mode=store: size of the small corpus (reader RSS at two sizes).")
+_GB = flags.DEFINE_float("gb", 2.0, "size of the large generated corpus, in GB of text.")
+_SMALL_GB = flags.DEFINE_float("small_gb", 0.25, "size of the small corpus (reader RSS at two sizes).")
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "lmjax_data_bench"),
-                               "--mode=store: where corpora and stores are written.")
+                               "where corpora and stores are written.")
 _RESULTS = flags.DEFINE_string("results", os.path.join(ROOT, "benchmarks", "results", "data_pipeline.md"), "Results file.")
-_READ_SECONDS = flags.DEFINE_float("read_seconds", 20.0, "--mode=store: seconds of reading per measurement.")
+_READ_SECONDS = flags.DEFINE_float("read_seconds", 20.0, "seconds of reading per measurement.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one measured step (prepare | read) and print JSON.")
 _ARGS = flags.DEFINE_list("args", [], "Internal: arguments of --child.")
 
@@ -261,8 +259,8 @@ def main(argv) -> None:
         print(json.dumps(child_prepare(*_ARGS.value)))
     elif _CHILD.value == "read":
         print(json.dumps(child_read(*_ARGS.value)))
-    elif _MODE.value == "memory":
-        cli.run(lambda: measure_in_memory(_PRESET.value or config_lib.load(_DEFAULT)))
+    elif _CONFIG.value is not None:
+        cli.run(lambda: measure_in_memory(_CONFIG.value))
     else:
         cli.run(measure_store)
 

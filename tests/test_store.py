@@ -177,6 +177,9 @@ def test_bad_stores_are_named_errors(tmp_path, byte_store):
     with pytest.raises(store.IncompleteStoreError, match="no token store"):
         make_pipeline(store_cfg(c, tmp_path / "nowhere"), tok, "train", 8)
     c2 = c.copy_and_resolve_references()
+    c2.source = c.source.replace("*.txt", "doc00*.txt")
+    with pytest.raises(store.StoreError, match="already holds a store of another source"):
+        prepare.prepare_store(c2, directory, log=lambda s: None)
     c2.source = f"text:{tmp_path}/nothing-*.txt"
     with pytest.raises(FileNotFoundError, match=r"nothing-\*\.txt.*matched no files"):
         prepare.prepare_store(c2, str(tmp_path / "none"), log=lambda s: None)

@@ -191,6 +191,9 @@ def write_store(split_docs: dict[str, Iterable[str]], tokenizer, tokenizer_kind:
     if os.path.isfile(index_path):
         index = read_index(out_dir)
         check_tokenizer(index, tokenizer, out_dir)
+        if index["source"] != source:
+            raise StoreError(f"{out_dir} already holds a store of another source ({index['source']}): "
+                             f"delete it or choose another --out")
         log(f"{out_dir}: complete store found, nothing to do")
         return index
     splits = {}
