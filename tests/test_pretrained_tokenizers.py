@@ -90,47 +90,51 @@ def test_unknown_tokenizer_is_refused_by_the_config_check():
 
 
 @pytest.fixture(scope="module")
-def padded_model():
+def padded():
+    """A 61-id model padded to 64 rows, and the same weights read as 64 real ids: loss, gradient,
+    logits and samples of both, from one compiled function."""
     cfg = default_config().model
     cfg.update(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=2, max_len=32, vocab_size=61, vocab_multiple=16)
-    model = Transformer(cfg)
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    return cfg, model, params
+    unmasked = cfg.copy_and_resolve_references()
+    unmasked.update(vocab_size=64, vocab_multiple=None)
+    model, plain = Transformer(cfg), Transformer(unmasked)
+    tokens = jax.random.randint(jax.random.key(1), (16, 9), 0, 61)
+    inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], jnp.ones((16, 8))
 
-
-def test_padding_ids_are_out_of_the_loss(padded_model):
-    cfg, model, params = padded_model
-    assert params["embedding"].shape == (64, 32)
-    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 61)
-    inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], jnp.ones((2, 8))
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), inputs)["params"])
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
 
     @jax.jit
-    def run(p):
+    def run(params):
+
         def loss_fn(p):
             logits = model.apply({"params": p}, inputs)
             return cross_entropy_sums(logits, targets, weights)[0], logits
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
-        real_only = cross_entropy_sums(logits[..., :61], targets, weights)[0]  # softmax over the 61 real ids
-        return logits, loss, real_only, grads
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        plain_logits = plain.apply({"params": params}, inputs)
+        sample_key = jax.random.key(2)
+        return {
+            "embedding": params["embedding"], "logits": logits, "loss": loss, "grads": grads["embedding"],
+            "real_only": cross_entropy_sums(logits[..., :61], targets, weights)[0],  # softmax over the 61 real ids
+            # What generate() draws from, at a hot temperature: with the mask, and without it.
+            "sampled": decoding.sample(logits.reshape(-1, 64), sample_key, 5.0),
+            "sampled_plain": decoding.sample(plain_logits.reshape(-1, 64), sample_key, 5.0),
+        }
 
-    logits, loss, real_only, grads = run(params)
-    assert logits.shape == (2, 8, 64) and bool(jnp.all(logits[..., 61:] == PADDING_LOGIT))
-    np.testing.assert_allclose(loss, real_only, rtol=1e-6)
-    assert bool(jnp.all(grads["embedding"][61:] == 0))  # padding rows are never trained
-    assert bool(jnp.any(grads["embedding"][:61] != 0))
+    return jax.tree.map(np.asarray, run(params))
 
 
-def test_padding_ids_are_never_sampled(padded_model):
-    cfg, model, params = padded_model
-    unmasked = cfg.copy_and_resolve_references()
-    unmasked.update(vocab_size=64, vocab_multiple=None)  # the same weights, every row a real id
-    tokens = jax.random.randint(jax.random.key(2), (16, 8), 0, 61)
+def test_padding_ids_are_out_of_the_loss(padded):
+    assert padded["embedding"].shape == (64, 32)
+    assert padded["logits"].shape == (16, 8, 64) and np.all(padded["logits"][..., 61:] == PADDING_LOGIT)
+    np.testing.assert_allclose(padded["loss"], padded["real_only"], rtol=1e-6)
+    assert np.all(padded["grads"][61:] == 0)  # padding rows are never trained
+    assert np.any(padded["grads"][:61] != 0)
 
-    def sample(c):
-        logits = jax.jit(Transformer(c).apply)({"params": params}, tokens).reshape(-1, 64)
-        return np.asarray(decoding.sample(logits, jax.random.key(0), 5.0))  # what generate() draws from
 
-    assert sample(unmasked).max() >= 61  # a hot temperature does reach the last rows...
-    ids = sample(cfg)
+def test_padding_ids_are_never_sampled(padded):
+    assert padded["sampled_plain"].max() >= 61  # a hot temperature does reach the last rows...
+    ids = padded["sampled"]
     assert len(ids) == 16 * 8 and ids.max() < 61 and len(np.unique(ids)) > 20  # ...but not through the mask
