@@ -24,6 +24,7 @@ setup(
         "array-record>=0.8.6",
         "grain>=0.2.18",
         "sentencepiece>=0.2.3",
+        "tiktoken>=0.7",  # data.tokenizer=gpt2
         "ml-collections>=1.1.0",
         "absl-py>=2.1",
         "numpy>=1.26",
@@ -35,11 +36,12 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                  "starlette>=0.40", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20", "qwix>=0.1.8",
                  # tests/test_interop_hf.py: transformers 4.x's Flax GPT-2 and Llama are the reference (no torch).
-                 "safetensors>=0.8", "transformers>=4.57,<5", "bm25s>=0.2"],
+                 "safetensors>=0.8", "transformers>=4.57,<5", "bm25s>=0.2", "tokenizers>=0.20"],
         # Weight-only int8 / int4 quantization (--quantize): Google's qwix.
         "quant": ["qwix>=0.1.8"],
-        # python -m lmjax.interop.hf: Hugging Face weights in and out (a Hub repo id downloads).
-        "hf": ["safetensors>=0.8", "huggingface_hub>=0.34"],
+        # python -m lmjax.interop.hf (Hugging Face weights in and out; a Hub repo id downloads), and
+        # data.tokenizer=<path>/tokenizer.json (Hugging Face tokenizers: a Llama tokenizer as is).
+        "hf": ["safetensors>=0.8", "huggingface_hub>=0.34", "tokenizers>=0.20"],
         "notebooks": ["jupyter", "ipykernel>=6.29", "nbformat>=5.10"],
         # Compile-only TPU devices on any machine (lmjax.aot), and running on TPU VMs.
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],

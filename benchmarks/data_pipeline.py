@@ -1,48 +1,233 @@
-"""How fast is the data pipeline, and what does it cost once?
+"""How fast is the data pipeline, and how much memory does it take, on a corpus larger than memory?
 
-    python benchmarks/data_pipeline.py [--config=configs/gpt_small.py] [--batches=500]
+    python benchmarks/data_pipeline.py [--gb=2] [--small_gb=0.25] [--workdir=/tmp/lmjax_data_bench]
+    python benchmarks/data_pipeline.py --config=configs/gpt_small.py [--batches=500]
 
-Prints (1) the one-time costs in a fresh cache directory: SentencePiece training and tokenizing
-each split, with corpus size and token counts; (2) the steady-state tokens/s of `next(pipeline)`
-at the preset's batch shape, after those caches exist. (2) is what a training step waits for, so
-it should be far above the trainer's tokens/s.
+Without --config: generates two seeded corpora from the embedded corpus (windows of this
+interpreter's standard library files, one JSON line per document; never committed: they live under
+--workdir), prepares a GPT-2-tokenized token store of each (`lmjax.data.prepare --store`) in a
+child process, then reads batches of gpt2_124m rows from each store in another child process.
+Each child reports its own peak RSS. Reader throughput is set against what a gpt2_124m train step
+on a v5e-16 consumes per host, from the AOT step-time estimate (FLOPs at 50% MFU). Results go to
+benchmarks/results/data_pipeline.md.
+
+With --config: prints the in-memory pipeline's one-time costs (tokenizer training, tokenizing each
+split) and its steady-state tokens/s at the preset's batch shape.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+_TIKTOKEN = os.path.join(ROOT, "..", "shared", "data", "tiktoken")  # GPT-2's BPE file, offline (else downloaded)
+if os.path.isdir(_TIKTOKEN):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(_TIKTOKEN))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from lmjax import cli  # noqa: E402
 from lmjax import config as config_lib  # noqa: E402
-from lmjax.data import build_tokenizer, make_pipeline, sources  # noqa: E402
-from lmjax.data.pipeline import tokenize_split  # noqa: E402
 
-_DEFAULT = "configs/gpt_small.py"
-_CONFIG = config_flags.DEFINE_config_file("config", None, f"Preset (default {_DEFAULT} if present).")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Measure the in-memory pipeline of this preset instead.")
 _BATCHES = flags.DEFINE_integer("batches", 500, "Batches to time.")
+_GB = flags.DEFINE_float("gb", 2.0, "size of the large generated corpus, in GB of text.")
+_SMALL_GB = flags.DEFINE_float("small_gb", 0.25, "size of the small corpus (reader RSS at two sizes).")
+_WORKDIR = flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "lmjax_data_bench"),
+                               "where corpora and stores are written.")
+_RESULTS = flags.DEFINE_string("results", os.path.join(ROOT, "benchmarks", "results", "data_pipeline.md"), "Results file.")
+_READ_SECONDS = flags.DEFINE_float("read_seconds", 20.0, "seconds of reading per measurement.")
+_CHILD = flags.DEFINE_string("child", None, "Internal: run one measured step (prepare | read) and print JSON.")
+_ARGS = flags.DEFINE_list("args", [], "Internal: arguments of --child.")
+
+SEED = 0
+FILE_BYTES = 128 << 20  # text per generated .jsonl file
 
 
-def main(argv) -> None:
-    del argv
-    cli.run(lambda: measure(_CONFIG.value or config_lib.load(_DEFAULT)))
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure(config) -> None:
+# ---------------------------------------------------------------------------------------------
+# the generated corpus
+
+
+def generate_corpus(directory: str, nbytes: int) -> dict:
+    """Documents that are random windows of lines of the stdlib files, seeded: >= nbytes of text."""
+    import numpy as np
+
+    from lmjax.data import sources
+
+    marker = os.path.join(directory, "corpus.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            meta = json.load(f)
+        if meta["nbytes_wanted"] == nbytes and meta["seed"] == SEED:
+            return meta
+    os.makedirs(directory, exist_ok=True)
+    root = sources.pystdlib_root()
+    files = [[line for line in sources._read_text(os.path.join(root, f)).splitlines(keepends=True)]
+             for f in sources.pystdlib_files()]
+    files = [lines for lines in files if lines]
+    rng = np.random.default_rng(SEED)
+    total = docs = part = 0
+    start = time.perf_counter()
+    while total < nbytes:
+        written = 0
+        with open(os.path.join(directory, f"part-{part:04d}.jsonl"), "w", encoding="utf-8") as out:
+            while written < FILE_BYTES and total < nbytes:
+                lines = files[int(rng.integers(len(files)))]
+                first = int(rng.integers(len(lines)))
+                count = int(rng.integers(20, 400))
+                text = "".join(lines[first : first + count])
+                out.write(json.dumps({"text": text}) + "\n")
+                n = len(text.encode("utf-8", "surrogatepass"))
+                written += n
+                total += n
+                docs += 1
+        part += 1
+    meta = {"nbytes_wanted": nbytes, "nbytes": total, "docs": docs, "files": part, "seed": SEED,
+            "python": sys.version.split()[0], "seconds": time.perf_counter() - start}
+    with open(marker, "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+def data_config(corpus_dir: str):
+    c = config_lib.load("configs/gpt2_124m.py")
+    c.data.source = f"text:{corpus_dir}/*.jsonl"
+    c.data.val_fraction = 0.001
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# children: one measured step each, in a fresh process
+
+
+def child_prepare(corpus_dir: str, store_dir: str) -> dict:
+    from lmjax.data import prepare
+
+    c = data_config(corpus_dir)
+    start = time.perf_counter()
+    index = prepare.prepare_store(c.data, store_dir, log=lambda s: print(s, file=sys.stderr, flush=True))
+    seconds = time.perf_counter() - start
+    splits = index["splits"].values()
+    return {"seconds": seconds, "bytes": sum(s["num_bytes"] for s in splits),
+            "tokens": sum(s["num_tokens"] for s in splits), "shards": sum(len(s["shards"]) for s in splits),
+            "peak_rss": peak_rss_bytes()}
+
+
+def child_read(store_dir: str, packing: str, global_batch: str, rows_per_host: str, read_seconds: str) -> dict:
+    from lmjax.data import build_tokenizer, make_pipeline
+
+    c = data_config(store_dir)
+    c.data.source = f"store:{store_dir}"
+    c.data.packing = packing
+    start = time.perf_counter()
+    tokenizer = build_tokenizer(c.data)
+    pipe = make_pipeline(c.data, tokenizer, "train", int(global_batch), rows=(0, int(rows_per_host)))
+    startup = time.perf_counter() - start
+    next(pipe)
+    tokens = batches = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < float(read_seconds):
+        tokens += int(next(pipe)["inputs"].size)
+        batches += 1
+    seconds = time.perf_counter() - start
+    return {"startup_seconds": startup, "batches": batches, "tokens_per_second": tokens / seconds,
+            "rows_per_epoch": pipe.rows_per_epoch, "peak_rss": peak_rss_bytes()}
+
+
+def run_child(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={args[0]}",
+                           f"--args={','.join(args[1:])}"], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def consumption() -> dict:
+    """Tokens/s a gpt2_124m train step on a v5e-16 consumes, per host, from the AOT estimate."""
+    from lmjax import aot, hardware
+
+    config = config_lib.load("configs/gpt2_124m.py")
+    tpu = hardware.get_slice("v5e-16")
+    flops, seconds = aot.step_estimate(config, tpu.chip, tpu.num_devices)
+    tokens = int(config.train.batch_size) * int(config.data.seq_len)
+    return {"global_batch": int(config.train.batch_size), "seq_len": int(config.data.seq_len), "hosts": tpu.num_hosts,
+            "step_seconds": seconds, "tokens_per_second_per_host": tokens / seconds / tpu.num_hosts}
+
+
+def measure_store() -> None:
+    GB = 1e9
+    need = consumption()
+    rows_per_host = need["global_batch"] // need["hosts"]
+    lines = ["# Data pipeline: token store on a generated corpus", "",
+             f"Run by `python benchmarks/data_pipeline.py --gb={_GB.value} --small_gb={_SMALL_GB.value}` on a "
+             f"shared {os.cpu_count()}-core CPU machine, Python {sys.version.split()[0]}. Corpora: seeded windows of "
+             f"the standard library's files (JSON lines, {FILE_BYTES >> 20} MiB per file), GPT-2 tokenizer "
+             "(tiktoken `r50k_base`, `encode_ordinary_batch` on all cores), 64M-token shards. Each step runs in "
+             "its own process and reports its own peak RSS (`ru_maxrss`).", "",
+             "| corpus | text | docs | prepare | MB/s of text | tokens | tokens/s | prepare peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    load_before = os.getloadavg()[1]
+    reads = []
+    for name, gb in (("small", _SMALL_GB.value), ("large", _GB.value)):
+        corpus = os.path.join(_WORKDIR.value, f"corpus-{gb:g}gb")
+        store_dir = os.path.join(_WORKDIR.value, f"store-{gb:g}gb")
+        meta = generate_corpus(corpus, int(gb * GB))
+        print(f"{name}: corpus {meta['nbytes'] / GB:.2f} GB, {meta['docs']:,} docs", flush=True)
+        prep = run_child("prepare", corpus, store_dir)
+        print(f"{name}: prepare {prep}", flush=True)
+        lines.append(f"| {name} | {meta['nbytes'] / GB:.2f} GB | {meta['docs']:,} | {prep['seconds']:.0f} s | "
+                     f"{prep['bytes'] / 1e6 / prep['seconds']:.1f} | {prep['tokens'] / 1e6:,.0f}M | "
+                     f"{prep['tokens'] / prep['seconds'] / 1e6:.2f}M | {prep['peak_rss'] / 2**30:.2f} GiB |")
+        for packing in ("concat", "segments"):
+            r = run_child("read", store_dir, packing, str(need["global_batch"]), str(rows_per_host),
+                          str(_READ_SECONDS.value))
+            print(f"{name}: read {packing} {r}", flush=True)
+            reads.append((name, meta, packing, r))
+    lines += ["", f"Reader: one host of a v5e-16 ({need['hosts']} hosts) reading its {rows_per_host} rows of each "
+              f"global batch of {need['global_batch']} x {need['seq_len']} (`gpt2_124m`), for "
+              f"{_READ_SECONDS.value:.0f} s after the first batch. A v5e-16 step of gpt2_124m takes "
+              f"{need['step_seconds'] * 1e3:.2f} ms at 50% MFU (`lmjax.aot.step_estimate`), so each host "
+              f"consumes {need['tokens_per_second_per_host'] / 1e6:.2f}M tokens/s.", "",
+              "| corpus | packing | rows/epoch | startup | tokens/s | x consumption | reader peak RSS |",
+              "|---|---|---|---|---|---|---|"]
+    for name, meta, packing, r in reads:
+        lines.append(f"| {name} ({meta['nbytes'] / GB:.2f} GB) | {packing} | {r['rows_per_epoch']:,} | "
+                     f"{r['startup_seconds']:.1f} s | {r['tokens_per_second'] / 1e6:.1f}M | "
+                     f"{r['tokens_per_second'] / need['tokens_per_second_per_host']:.1f} | "
+                     f"{r['peak_rss'] / 2**30:.2f} GiB |")
+    lines += ["", f"5-minute load average of the shared machine: {load_before:.1f} at the start, "
+              f"{os.getloadavg()[1]:.1f} at the end (on {os.cpu_count()} cores): throughputs are those of a busy machine."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(_RESULTS.value, "w") as f:
+        f.write(text)
+
+
+def measure_in_memory(config) -> None:
+    from lmjax.data import build_tokenizer, make_pipeline, sources
+    from lmjax.data.pipeline import tokenize_split
+
     data_cfg = config.data
     with tempfile.TemporaryDirectory() as cache:
         data_cfg.cache_dir = cache
         print(f"source: {sources.describe(data_cfg)}  tokenizer: {data_cfg.tokenizer} "
               f"vocab {data_cfg.vocab_size}  seq_len {data_cfg.seq_len}  "
               f"batch {config.train.batch_size}  packing {data_cfg.packing}")
-
         start = time.perf_counter()
         tokenizer = build_tokenizer(data_cfg)
         print(f"one-time: tokenizer training {time.perf_counter() - start:.2f}s "
@@ -51,11 +236,9 @@ def measure(config) -> None:
             start = time.perf_counter()
             data = tokenize_split(data_cfg, split, tokenizer)
             seconds = time.perf_counter() - start
-            docs = len(data["doc_ends"])
-            print(f"one-time: tokenizing {split}: {seconds:.2f}s for {docs} docs, "
+            print(f"one-time: tokenizing {split}: {seconds:.2f}s for {len(data['doc_ends'])} docs, "
                   f"{int(data['num_bytes']) / 1e6:.2f} MB -> {len(data['tokens'])} tokens "
                   f"({int(data['num_bytes']) / len(data['tokens']):.3f} bytes/token)")
-
         start = time.perf_counter()
         pipeline = make_pipeline(data_cfg, tokenizer, "train", config.train.batch_size)
         print(f"make_pipeline from the caches: {time.perf_counter() - start:.3f}s")
@@ -68,6 +251,18 @@ def measure(config) -> None:
         print(f"pipeline: {_BATCHES.value} batches of {config.train.batch_size}x{data_cfg.seq_len} "
               f"in {seconds:.3f}s = {tokens / seconds:,.0f} tokens/s "
               f"({seconds / _BATCHES.value * 1e6:.0f} us/batch)")
+
+
+def main(argv) -> None:
+    del argv
+    if _CHILD.value == "prepare":
+        print(json.dumps(child_prepare(*_ARGS.value)))
+    elif _CHILD.value == "read":
+        print(json.dumps(child_read(*_ARGS.value)))
+    elif _CONFIG.value is not None:
+        cli.run(lambda: measure_in_memory(_CONFIG.value))
+    else:
+        cli.run(measure_store)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,14 @@ def _with_vocab(config: Any) -> Any:
     return config
 
 
+def step_estimate(config: Any, chip: hardware.Chip, num_devices: int) -> tuple[float, float]:
+    """(FLOPs of one train step of `config`, its seconds at 50% MFU on `num_devices` chips)."""
+    config = _with_vocab(config)
+    tokens = int(config.train.batch_size) * int(config.data.seq_len)
+    flops = flops_per_token(config.model, int(config.data.seq_len)) * tokens
+    return flops, flops / (0.5 * chip.peak_bf16_flops * num_devices)
+
+
 def check_fits(config: Any, topology: str, num_slices: int = 1) -> Report:
     """Compiles the train step of `config` for `num_slices` slices of `topology` (e.g. "v5e-16").
 
@@ -155,12 +163,11 @@ def check_fits(config: Any, topology: str, num_slices: int = 1) -> Report:
     config.mesh.num_slices = int(num_slices)
     tpu_slice, devices = topology_devices(topology, num_slices)
     chip = tpu_slice.chip
-    tokens = int(config.train.batch_size) * int(config.data.seq_len)
-    flops = flops_per_token(config.model, int(config.data.seq_len)) * tokens
+    flops, seconds = step_estimate(config, chip, len(devices))
     report = Report(
         fits=False, message="", topology=tpu_slice.name, num_slices=int(num_slices),
         num_devices=len(devices), hbm_bytes=chip.hbm_bytes, flops_per_step=flops,
-        step_seconds_at_50pct_mfu=flops / (0.5 * chip.peak_bf16_flops * len(devices)),
+        step_seconds_at_50pct_mfu=seconds,
     )
     try:
         mesh = sharding.make_mesh(config.mesh, devices)

@@ -53,6 +53,7 @@ def default_config() -> config_dict.ConfigDict:
     m.mlp_dim = placeholder(int)  # FFN hidden width; None: mlp_ratio * embed_dim
     m.mlp_ratio = 4.0  # FFN hidden width / embed_dim when mlp_dim is None
     m.vocab_size = placeholder(int)  # None: filled from the tokenizer; set: must be >= it
+    m.vocab_multiple = placeholder(int)  # embedding/head rows: vocab_size rounded up to this (128 for TPU meshes); the padding ids' logits are masked. None: 1
     m.max_len = 256  # longest sequence (learned positions table, KV-cache size)
     m.position = "learned"  # learned | sinusoidal | rope | alibi | none
     m.rope_theta = 10000.0  # RoPE base frequency
@@ -73,7 +74,7 @@ def default_config() -> config_dict.ConfigDict:
     m.scan_layers = False  # nn.scan over blocks: one compiled block, fast compiles of deep models
 
     d = c.data = config_dict.ConfigDict()
-    d.source = "pystdlib"  # pystdlib | text:<glob> | tfds:<name>[/<config>] | prepared:<dir> (lmjax.data.prepare output)
+    d.source = "pystdlib"  # pystdlib | text:<glob> | tfds:<name>[/<config>] | prepared:<dir> (lmjax.data.prepare output) | store:<dir> (prepare --store: token shards)
     d.text_key = "text"  # field holding the text in .jsonl and tfds examples
     d.train_split = "train"  # split names (tfds: any split spec such as train[:90%])
     d.val_split = "validation"
@@ -81,7 +82,7 @@ def default_config() -> config_dict.ConfigDict:
     d.doc_split = "file"  # text: sources: file (one document per file) | blank_line (per paragraph block)
     d.text_split = "hash"  # text: split: hash (of each document's path#index) | tail (last val_fraction of the text, nanoGPT-style)
     d.tfds_data_dir = placeholder(str)  # tfds data_dir (a gs:// bucket on TPU VMs); None: tfds default
-    d.tokenizer = "sentencepiece"  # sentencepiece | byte | char
+    d.tokenizer = "sentencepiece"  # sentencepiece | byte | char | gpt2 | <path>/tokenizer.json (Hugging Face) | <path>.model (SentencePiece)
     d.tokenizer_path = placeholder(str)  # an existing SentencePiece .model to load instead of training
     d.vocab_size = 4096  # SentencePiece vocabulary size to train
     d.spm_model_type = "bpe"  # bpe | unigram
@@ -223,7 +224,6 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.dtype": DTYPES,
         "model.param_dtype": DTYPES,
         "model.remat": transformer.REMAT_CHOICES,
-        "data.tokenizer": tokenizers.TOKENIZERS,
         "data.spm_model_type": tokenizers.SPM_MODEL_TYPES,
         "data.packing": packing.PACKINGS,
         "data.doc_split": sources.DOC_SPLITS,
@@ -281,16 +281,20 @@ def check(config: config_dict.ConfigDict) -> None:
         raise ValueError(f"config.model.dropout={config.model.dropout} must be in [0, 1)")
     if config.model.vocab_size is not None and config.model.vocab_size < 1:
         raise ValueError(f"config.model.vocab_size={config.model.vocab_size} must be >= 1 (or unset)")
+    if config.model.get("vocab_multiple", None) is not None and config.model.vocab_multiple < 1:
+        raise ValueError(f"config.model.vocab_multiple={config.model.vocab_multiple} must be >= 1 (or unset)")
     if config.model.position == "learned" and config.data.seq_len > config.model.max_len:
         raise ValueError(
             f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_len={config.model.max_len}, "
             "the size of the learned position table"
         )
-    from lmjax.data import sources
+    from lmjax.data import sources, tokenizers
 
+    tokenizers.check_name(config.data.tokenizer)
     if not config.data.source.startswith(sources.SOURCE_KINDS):
         raise ValueError(
-            f"config.data.source={config.data.source!r}: expected pystdlib, text:<glob>, tfds:<name>, prepared:<dir> or arithmetic:<seed>"
+            f"config.data.source={config.data.source!r}: expected pystdlib, text:<glob>, tfds:<name>, prepared:<dir>, "
+            f"store:<dir> or arithmetic:<seed>"
         )
     check_decay_points(config)
 

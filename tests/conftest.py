@@ -7,6 +7,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.pop("XLA_FLAGS", None)
 # libtpu (the [tpu] extra) holds a lockfile per process; compile-only topologies use no chip, so allow several.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# GPT-2's BPE file, so tiktoken needs no network (users' tiktoken downloads it once).
+_TIKTOKEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tiktoken")
+if os.path.isdir(_TIKTOKEN):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(_TIKTOKEN))
 
 
 def pytest_configure(config):

@@ -70,8 +70,8 @@ def test_gpt2_124m_partition_specs_match_the_golden_file():
 
 def test_gpt2_124m_odd_vocab_on_the_golden_mesh_is_a_named_error():
     """GPT-2's vocab (50257) is odd: on tensor=2 the embedding cannot split, and the error says which
-    parameter, dimension and mesh axis (pad the vocab, e.g. to 50304, to train on such a mesh)."""
-    config = load_config("gpt2_124m")
+    parameter, dimension and mesh axis (the preset pads it to 50304 with model.vocab_multiple=128)."""
+    config = load_config("gpt2_124m", model__vocab_multiple=1)
     mesh = AbstractMesh(tuple(GOLDEN_MESH.values()), tuple(GOLDEN_MESH))
     with pytest.raises(ValueError) as err:
         sharding.check_divisible(abstract_boxed_params(config), mesh, sharding.rules(config.mesh))

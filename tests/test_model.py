@@ -162,11 +162,16 @@ def test_alibi_slopes_follow_the_paper():
 
 def test_param_count_gpt2_124m_is_published_and_equals_tree():
     cfg = load_config("gpt2_124m").model
+    cfg.vocab_multiple = 1  # the published, unpadded vocabulary
     assert param_count(cfg) == 124_439_808
     shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     assert sum(x.size for x in jax.tree.leaves(shapes)) == 124_439_808
     assert param_count(cfg, non_embedding=True) == 124_439_808 - 50257 * 768 - 1024 * 768
     assert flops_per_token(cfg, 1024) == 6 * (85_056_000 + 768 * 50257) + 12 * 12 * 768 * 1024
+    padded = load_config("gpt2_124m").model  # as configured: 50,304 rows, 47 of them padding
+    shapes = jax.eval_shape(Transformer(padded).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    assert shapes["params"]["embedding"].value.shape == (50304, 768)
+    assert param_count(padded) == sum(x.size for x in jax.tree.leaves(shapes)) == 124_439_808 + 47 * 768
 
 
 def test_param_count_llama_matches_closed_form_and_tree():

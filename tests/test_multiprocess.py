@@ -22,7 +22,8 @@ import time
 
 import pytest
 
-from test_main import REPO, main_env, write_tiny_preset
+from lmjax.data import prepare
+from test_main import REPO, main_env, tiny_config, write_tiny_preset
 
 STEPS = 40
 DEVICES = "--xla_force_host_platform_device_count={}"
@@ -99,9 +100,15 @@ def test_hosts_holding_the_same_rows_are_fed_the_same_rows(runs):
 
 @pytest.mark.slow
 def test_preempted_processes_stop_at_one_step_and_resume_to_the_one_process_run(runs):
+    """The two processes read the corpus from a token store (each its half of every batch, from the
+    shards on disk), the one process from memory: the same batches, so the same run, across a
+    preemption."""
     directory, preset, reference = runs
+    store_dir = os.path.join(directory, "store")
+    prepare.prepare_store(tiny_config(directory).data, store_dir, shard_tokens=20_000, log=lambda s: None)
+    from_store = f"--config.data.source=store:{store_dir}"
     workdir = os.path.join(directory, "preempted")
-    pair = start_pair(preset, workdir)
+    pair = start_pair(preset, workdir, from_store)
     lines = []
     for line in pair[0].stdout:  # process 0 prints the progress lines
         lines.append(line)
@@ -114,7 +121,7 @@ def test_preempted_processes_stop_at_one_step_and_resume_to_the_one_process_run(
     assert stopped and 10 <= int(stopped[0]) < STEPS, output[-2000:]
     assert os.listdir(os.path.join(workdir, "checkpoints")).count(stopped[0]) == 1
     time.sleep(0.5)  # the coordinator's port is free again before the pair restarts
-    outputs = finish(start_pair(preset, workdir))
+    outputs = finish(start_pair(preset, workdir, from_store))
     # Two processes with two devices each, stopped and resumed, trained exactly like one with four.
     assert "final val loss" in outputs[0]
     assert_same_run(records(reference), records(workdir))

@@ -71,3 +71,22 @@ def test_bad_packing_arguments():
         packing.make_packer("concat", tokens, ends, 0, PAD)
     with pytest.raises(ValueError, match="unknown data.packing 'bins'"):
         packing.make_packer("bins", tokens, ends, 8, PAD)
+
+
+def reference_first_fit_decreasing(sizes, capacity):
+    """The plain quadratic first-fit-decreasing: scan the open bins for the first with room."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])  # stable, like argsort(kind="stable")
+    free, bin_of = [], [0] * len(sizes)
+    for item in order:
+        b = next((j for j, room in enumerate(free) if room >= sizes[item]), len(free))
+        if b == len(free):
+            free.append(capacity)
+        free[b] -= sizes[item]
+        bin_of[item] = b
+    return bin_of
+
+
+@pytest.mark.parametrize("capacity, high, n", [(32, 33, 500), (7, 8, 300), (64, 20, 400), (16, 17, 1)])
+def test_first_fit_decreasing_equals_the_quadratic_scan(capacity, high, n):
+    sizes = np.random.default_rng(capacity).integers(1, high, n)
+    assert packing.first_fit_decreasing(sizes, capacity).tolist() == reference_first_fit_decreasing(sizes.tolist(), capacity)

@@ -106,7 +106,7 @@ def test_unknown_tfds_name_is_a_named_error_without_network(tmp_path, monkeypatc
         sources.get_split(c, "train")
 
 
-def test_tfds_source_reads_a_locally_built_array_record_dataset(tmp_path):
+def test_tfds_source_reads_a_locally_built_array_record_dataset(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
     texts = [f"example {i}: " + "word " * i for i in range(20)]
@@ -137,6 +137,22 @@ def test_tfds_source_reads_a_locally_built_array_record_dataset(tmp_path):
     c.tfds_download = False
     assert sources.get_split(c, "train").documents() == texts[:15]
     assert sources.get_split(c, "validation").documents() == texts[15:]
+    monkeypatch.setattr(sources, "TFDS_BATCH", 4)  # streamed 4 records per read, never the whole split
+    assert list(sources.get_split(c, "train").stream()) == texts[:15]
     c.train_split = "train[:5]"
     assert sources.get_split(c, "train").documents() == texts[:5]
     assert sources.get_split(c, "train").fingerprint != sources.get_split(c, "validation").fingerprint
+
+
+def test_text_glob_streams_one_file_at_a_time(tmp_path, monkeypatch):
+    for i in range(5):
+        (tmp_path / f"{i}.txt").write_text(f"para {i}a\n\npara {i}b\n")
+    c = data_cfg(tmp_path, f"text:{tmp_path}/*.txt")
+    c.val_fraction, c.doc_split = 0.0, "blank_line"
+    read = []
+    file_documents = sources._file_documents
+    monkeypatch.setattr(sources, "_file_documents", lambda path, cfg: read.append(path) or file_documents(path, cfg))
+    stream = sources.get_split(c, "train").stream()
+    assert [next(stream), next(stream)] == ["para 0a", "para 0b"] and len(read) == 1
+    assert list(stream) == [f"para {i}{x}" for i in range(1, 5) for x in "ab"]
+    assert sources.get_split(c, "train").documents() == [f"para {i}{x}" for i in range(5) for x in "ab"]

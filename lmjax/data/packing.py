@@ -9,7 +9,7 @@ has to decide the order of row indices (see pipeline.py), and resuming is exact.
             boundaries, as in GPT-2/nanoGPT, so rows carry no positions or segment_ids: the model's
             defaults (0..L-1, plain causal attention) apply, and the causal kernels (is_causal,
             cuDNN's causal flash attention) are used instead of a dense [B, 1, L, L] mask.
-  segments  whole documents packed into rows by first-fit-decreasing bin packing; a document longer
+  segments  whole documents packed into rows by first-fit-decreasing bin packing (n log n); a document longer
             than a row is cut into row-sized chunks first. Each chunk is one segment with its own
             segment_id (1, 2, ...) and positions restarting at 0; padding has segment_id 0 and
             weight 0, so with a segment-aware attention mask no token sees another document.
@@ -34,8 +34,8 @@ class Packer(Protocol):
 
 
 class ConcatPacker:
-    def __init__(self, tokens: np.ndarray, seq_len: int, pad_id: int):
-        self.tokens = tokens
+    def __init__(self, tokens, seq_len: int, pad_id: int):
+        self.tokens = tokens  # a numpy array, or anything with len() and contiguous slices (store.StoreTokens)
         self.seq_len = seq_len
         self.pad_id = max(pad_id, 0)
         n = len(tokens)
@@ -43,35 +43,46 @@ class ConcatPacker:
 
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         L, n = self.seq_len, len(self.tokens)
-        idx = np.asarray(indices, np.int64)[:, None] * L + np.arange(L + 1)
-        valid = idx < n
-        window = np.where(valid, self.tokens[np.minimum(idx, n - 1)], self.pad_id).astype(np.int32)
+        window = np.full((len(indices), L + 1), self.pad_id, np.int32)
+        valid = np.zeros((len(indices), L + 1), bool)
+        for i, r in enumerate(np.asarray(indices, np.int64)):
+            start = int(r) * L
+            w = self.tokens[start : min(start + L + 1, n)]  # one contiguous read per row
+            window[i, : len(w)] = w
+            valid[i, : len(w)] = True
         return {"inputs": window[:, :-1], "targets": window[:, 1:], "weights": valid[:, 1:].astype(np.float32)}
 
 
 def first_fit_decreasing(sizes: np.ndarray, capacity: int) -> np.ndarray:
     """Bin index of each item (sizes <= capacity), packing the largest items first into the
-    first bin with room. Full-size items get a bin each without a search."""
+    first bin with room, in O(n log n).
+
+    A max-tree over the room left in n bins finds the first bin with room in log n steps. Bins
+    not yet opened have all their room, so the first bin with room is either an open one or the
+    next one to open: the same choice as a linear scan over the open bins.
+    """
+    sizes = np.asarray(sizes, np.int64)
     order = np.argsort(-sizes, kind="stable")
     bin_of = np.empty(len(sizes), np.int64)
-    full = order[sizes[order] == capacity]
-    bin_of[full] = np.arange(len(full))
-    free = np.zeros(max(len(sizes), 1), np.int64)  # room left in bins opened after the full ones
-    opened = 0
-    for item in order[len(full) :]:
-        fits = np.flatnonzero(free[:opened] >= sizes[item])
-        if len(fits):
-            b = fits[0]
-        else:
-            b, opened = opened, opened + 1
-            free[b] = capacity
-        free[b] -= sizes[item]
-        bin_of[item] = len(full) + b
+    width = 1
+    while width < max(len(sizes), 1):
+        width *= 2
+    room = [int(capacity)] * (2 * width)  # room[node]: the most room left in a bin below node
+    for item, size in zip(order.tolist(), sizes[order].tolist()):
+        node = 1
+        while node < width:
+            node = 2 * node if room[2 * node] >= size else 2 * node + 1
+        bin_of[item] = node - width
+        room[node] -= size
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
     return bin_of
 
 
 class SegmentPacker:
-    def __init__(self, tokens: np.ndarray, doc_ends: np.ndarray, seq_len: int, pad_id: int):
+    def __init__(self, tokens, doc_ends: np.ndarray, seq_len: int, pad_id: int):
         self.tokens = tokens
         self.seq_len = seq_len
         self.pad_id = max(pad_id, 0)
@@ -105,9 +116,10 @@ class SegmentPacker:
         for i, r in enumerate(indices):
             pos = 0
             for k in range(self.row_ptr[r], self.row_ptr[r + 1]):
-                s, n = self.seg_start[k], self.seg_len[k] - 1
-                out["inputs"][i, pos : pos + n] = self.tokens[s : s + n]
-                out["targets"][i, pos : pos + n] = self.tokens[s + 1 : s + n + 1]
+                s, n = int(self.seg_start[k]), int(self.seg_len[k]) - 1
+                chunk = self.tokens[s : s + n + 1]  # one contiguous read per segment
+                out["inputs"][i, pos : pos + n] = chunk[:-1]
+                out["targets"][i, pos : pos + n] = chunk[1:]
                 out["weights"][i, pos : pos + n] = 1.0
                 out["positions"][i, pos : pos + n] = np.arange(n)
                 out["segment_ids"][i, pos : pos + n] = k - self.row_ptr[r] + 1

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from lmjax.data import packing, sources
+from lmjax.data import packing, sources, store
 from lmjax.data.tokenizers import Tokenizer, cache_dir
 
 STATE_VERSION = 1
@@ -38,9 +38,13 @@ STATE_VERSION = 1
 def tokenize_split(data_cfg, split: str, tokenizer: Tokenizer, *, verbose: bool = False) -> dict:
     """The split as one int32 array of token ids (each document followed by EOS), the end offset
     of every document and the UTF-8 byte count, cached by (split content, tokenizer) under
-    `cache_dir/tokens/`."""
+    `cache_dir/tokens/`. From a `store:DIR` source, `tokens` is a store.StoreTokens that reads
+    slices from disk, and `counts` holds each id's count."""
     if tokenizer.eos_id < 0:
         raise ValueError("the tokenizer has no EOS id, which packing needs between documents")
+    kind, _, arg = data_cfg.source.partition(":")
+    if kind == "store":  # already tokenized on disk: read by slices, never loaded whole
+        return store.read_split(os.path.expanduser(arg), split, tokenizer)
     data = sources.get_split(data_cfg, split)
     key = f"{data.fingerprint}-{tokenizer.fingerprint}"
     path = os.path.join(cache_dir(data_cfg), "tokens", hashlib.sha256(key.encode()).hexdigest()[:20] + ".npz")

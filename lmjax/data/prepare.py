@@ -1,4 +1,11 @@
-"""`python -m lmjax.data.prepare --config=configs/X.py --out=DIR`: clean a source once, keep it.
+"""`python -m lmjax.data.prepare --config=configs/X.py --out=DIR [--store]`: clean a source once,
+or tokenize it once into a token store, and keep it.
+
+With --store: tokenize `data.source` with `data.tokenizer` into a token store at DIR (store.py:
+binary shards and an index; resumable, streaming, no cleaning). Train on it with
+`--config.data.source=store:DIR`. A cleaned `prepared:<dir>` can itself be stored.
+
+Without --store:
 
 Stages, in order, over the train split followed by the validation split (so dedup also removes
 validation documents that copy training ones): quality filters, exact dedup, MinHash/LSH near
@@ -26,7 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lmjax import cli
-from lmjax.data import dedup, filters, sources, tokenizers
+from lmjax.data import dedup, filters, sources, store, tokenizers
 
 META = "meta.json"
 
@@ -121,17 +128,34 @@ def prepare(data_cfg, out_dir: str, *, log=print) -> dict:
     return meta
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Preset file (its data section is used).")
-_OUT = flags.DEFINE_string("out", None, "Directory to write the prepared corpus and tokenizer to.")
+def prepare_store(data_cfg, out_dir: str, *, shard_tokens: int = 2**26, batch_bytes: int = 8 << 20,
+                  log=print) -> dict:
+    """Tokenize both splits of `data_cfg.source`, streamed, into a token store at `out_dir`."""
+    tokenizer = tokenizers.build_tokenizer(data_cfg, verbose=True)
+    split_docs = {split: sources.get_split(data_cfg, split).stream() for split in sources.SPLITS}
+    complete = os.path.isfile(os.path.join(out_dir, store.INDEX))
+    if isinstance(tokenizer, tokenizers.SentencePieceTokenizer) and not complete:  # store:DIR runs load it
+        tokenizer.save(os.path.join(out_dir, store.SPM_MODEL))
+    return store.write_store(split_docs, tokenizer, data_cfg.tokenizer, out_dir, source=sources.describe(data_cfg),
+                             shard_tokens=shard_tokens, batch_bytes=batch_bytes, log=log)
 
 
 def main(argv) -> None:
     del argv
-    cfg = _CONFIG.value
+    cfg = flags.FLAGS.config
     data_cfg = cfg.data if "data" in cfg else cfg
-    cli.run(lambda: prepare(data_cfg, _OUT.value))
+    if flags.FLAGS.store:
+        cli.run(lambda: prepare_store(data_cfg, flags.FLAGS.out, shard_tokens=flags.FLAGS.shard_tokens))
+    else:
+        cli.run(lambda: prepare(data_cfg, flags.FLAGS.out))
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a command: importing prepare_store from a script with
+    # flags of its own (benchmarks/data_pipeline.py) must not collide with them.
+    config_flags.DEFINE_config_file("config", None, "Preset file (its data section is used).")
+    flags.DEFINE_string("out", None, "Directory to write the prepared corpus and tokenizer to.")
+    flags.DEFINE_bool("store", False, "Write a token store (tokenized shards, no cleaning) instead.")
+    flags.DEFINE_integer("shard_tokens", 2**26, "--store: tokens per shard (closed at a document end).")
     flags.mark_flags_as_required(["config", "out"])
     app.run(main, flags_parser=cli.parse_flags)

@@ -7,6 +7,8 @@ Source kinds:
   tfds:<name>[/<config>]  a TensorFlow Datasets text dataset read through `tfds.data_source`
                     (ArrayRecord; no TensorFlow needed).
   prepared:<dir>    the output of `python -m lmjax.data.prepare` (cleaned train/validation jsonl).
+  store:<dir>       a token store (`python -m lmjax.data.prepare --store`, store.py): token ids,
+                    not text; the pipeline reads it directly, so it has no documents here.
   arithmetic:<seed> a synthetic arithmetic corpus in BIG-bench's question format, made from a seed
                     (`lmjax.data.arithmetic`, which lists its other options).
 
@@ -16,36 +18,55 @@ keyed by it (tokenizers, token arrays) are invalidated when the text changes.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import glob
 import hashlib
+import itertools
 import json
 import os
 import sys
 import sysconfig
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 SPLITS = ("train", "validation")
-SOURCE_KINDS = ("pystdlib", "text:", "tfds:", "prepared:", "arithmetic:")
+SOURCE_KINDS = ("pystdlib", "text:", "tfds:", "prepared:", "store:", "arithmetic:")
 DOC_SPLITS = ("file", "blank_line")  # text: one document per file, or per blank-line block
 TEXT_SPLITS = ("hash", "tail")  # text: validation by a hash of each document, or the tail of the text
+TFDS_BATCH = 1024  # tfds: records per read
 PYSTDLIB_EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 )
 
 
-@dataclasses.dataclass
 class Split:
-    """The documents of one split of a source, loaded on demand."""
+    """The documents of one split of a source: all of them (`documents()`, for corpora that fit in
+    memory) or one at a time (`stream()`, for the token store, which never holds the split).
 
-    source: str
-    split: str
-    fingerprint: str
-    load: Callable[[], list[str]]
-    info: dict = dataclasses.field(default_factory=dict)
+    `fingerprint` (a content hash, computed on first use) keys the caches derived from the split.
+    """
+
+    def __init__(self, source: str, split: str, fingerprint: str | Callable[[], str],
+                 load: Callable[[], list[str]], info: dict | None = None,
+                 stream: Callable[[], Iterator[str]] | None = None):
+        self.source, self.split, self.load, self.info = source, split, load, info or {}
+        self._fingerprint = fingerprint
+        self._stream = stream
+
+    @property
+    def fingerprint(self) -> str:
+        if callable(self._fingerprint):
+            self._fingerprint = self._fingerprint()
+        return self._fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value: str) -> None:
+        self._fingerprint = value
 
     def documents(self) -> list[str]:
         return self.load()
+
+    def stream(self) -> Iterator[str]:
+        return self._stream() if self._stream is not None else iter(self.load())
 
 
 def stable_fraction(key: str) -> float:
@@ -120,10 +141,13 @@ def _read_text(path: str) -> str:
 def _pystdlib_split(data_cfg, split: str) -> Split:
     root = pystdlib_root()
     files = pystdlib_split_files(split, data_cfg.val_fraction)
-    docs = [_read_text(os.path.join(root, f)) for f in files]
+
+    def stream() -> Iterator[str]:
+        return (_read_text(os.path.join(root, f)) for f in files)
+
+    load = functools.cache(lambda: list(stream()))
     info = dict(describe_pystdlib(), files=len(files))
-    fp = content_fingerprint(docs, "pystdlib", split, *files)
-    return Split("pystdlib", split, fp, lambda: docs, info)
+    return Split("pystdlib", split, lambda: content_fingerprint(load(), "pystdlib", split, *files), load, info, stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +190,16 @@ def _file_documents(path: str, data_cfg) -> list[str]:
     raise ValueError(f"data.doc_split must be one of {DOC_SPLITS}, got {data_cfg.doc_split!r}")
 
 
+def _check_first_record(path: str, data_cfg) -> None:
+    """Fail at once, not after hours of streaming, when .jsonl records lack data.text_key."""
+    if not path.endswith(".jsonl"):
+        return
+    with open(path, encoding="utf-8") as f:
+        line = next((line for line in f if line.strip()), None)
+    if line is not None and data_cfg.text_key not in json.loads(line):
+        raise ValueError(f"{path}:1 has no field data.text_key={data_cfg.text_key!r} (fields: {sorted(json.loads(line))})")
+
+
 def tail_split(docs: list[str], split: str, val_fraction: float) -> list[str]:
     """nanoGPT's split: the last `val_fraction` of the characters are validation (a document
     straddling the cut is cut in two)."""
@@ -189,20 +223,28 @@ def _text_split(data_cfg, split: str, pattern: str, source: str) -> Split:
     common = os.path.commonpath([os.path.abspath(p) for p in paths])
     if len(paths) == 1:
         common = os.path.dirname(common)
-    keyed = []  # (stable key, document)
-    for path in paths:
-        rel = os.path.relpath(os.path.abspath(path), common)
-        keyed.extend((f"{rel}#{i}", d) for i, d in enumerate(_file_documents(path, data_cfg)))
-    if data_cfg.text_split == "tail":
-        docs = tail_split([d for _, d in keyed], split, data_cfg.val_fraction)
-    elif data_cfg.text_split == "hash":
-        want_val = split == "validation"
-        docs = [d for k, d in keyed if in_validation(k, data_cfg.val_fraction) == want_val]
-    else:
+    if data_cfg.text_split not in TEXT_SPLITS:
         raise ValueError(f"data.text_split must be one of {TEXT_SPLITS}, got {data_cfg.text_split!r}")
+    if data_cfg.doc_split not in DOC_SPLITS:
+        raise ValueError(f"data.doc_split must be one of {DOC_SPLITS}, got {data_cfg.doc_split!r}")
+
+    _check_first_record(paths[0], data_cfg)
+
+    def keyed() -> Iterator[tuple[str, str]]:  # (stable key, document), one file in memory at a time
+        for path in paths:
+            rel = os.path.relpath(os.path.abspath(path), common)
+            yield from ((f"{rel}#{i}", d) for i, d in enumerate(_file_documents(path, data_cfg)))
+
+    def stream() -> Iterator[str]:
+        if data_cfg.text_split == "tail":  # a cut at a fraction of all characters: needs the whole text
+            return iter(tail_split([d for _, d in keyed()], split, data_cfg.val_fraction))
+        want_val = split == "validation"
+        return (d for k, d in keyed() if in_validation(k, data_cfg.val_fraction) == want_val)
+
+    load = functools.cache(lambda: list(stream()))
     info = {"files": len(paths)}
-    fp = content_fingerprint(docs, source, split, data_cfg.text_split, str(data_cfg.val_fraction))
-    return Split(source, split, fp, lambda: docs, info)
+    fp = lambda: content_fingerprint(load(), source, split, data_cfg.text_split, str(data_cfg.val_fraction))  # noqa: E731
+    return Split(source, split, fp, load, info, stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,9 +261,13 @@ def _prepared_split(data_cfg, split: str, directory: str, source: str) -> Split:
         raise FileNotFoundError(
             f"data.source {source!r}: {path} not found (write it with python -m lmjax.data.prepare)"
         )
-    with open(path, encoding="utf-8") as f:
-        docs = [json.loads(line)["text"] for line in f if line.strip()]
-    return Split(source, split, content_fingerprint(docs, source, split), lambda: docs, {})
+
+    def stream() -> Iterator[str]:
+        with open(path, encoding="utf-8") as f:
+            yield from (json.loads(line)["text"] for line in f if line.strip())
+
+    load = functools.cache(lambda: list(stream()))
+    return Split(source, split, lambda: content_fingerprint(load(), source, split), load, {}, stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,17 +302,18 @@ def _tfds_split(data_cfg, split: str, name: str, source: str) -> Split:
     max_docs = data_cfg.get("max_documents", None)
     count = len(source_ds) if max_docs is None else min(max_docs, len(source_ds))
 
-    def load() -> list[str]:
-        docs = []
-        for i in range(count):
-            value = source_ds[i][key]
-            docs.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
-        return docs
+    def stream() -> Iterator[str]:
+        """Records read TFDS_BATCH at a time (one ArrayRecord read each), never the whole split."""
+        for start in range(0, count, TFDS_BATCH):
+            for record in source_ds.__getitems__(list(range(start, min(start + TFDS_BATCH, count)))):
+                value = record[key]
+                yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
     fp = content_fingerprint(
         [], source, str(builder.version), tfds_split, str(count), str(builder.data_dir)
     )
-    return Split(source, split, fp, load, {"version": str(builder.version), "examples": count})
+    return Split(source, split, fp, lambda: list(stream()), {"version": str(builder.version), "examples": count},
+                 stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,16 +349,23 @@ def get_split(data_cfg, split: str) -> Split:
         result = _tfds_split(data_cfg, split, arg, source)
     elif kind == "arithmetic" and arg:
         result = _arithmetic_split(data_cfg, split, arg, source)
+    elif kind == "store" and arg:
+        raise ValueError(
+            f"data.source {source!r} holds token ids, not text: it cannot train a tokenizer or be prepared "
+            f"again (set data.tokenizer to the store's, or use the text source it was made from)"
+        )
     else:
         raise ValueError(
             f"unknown data.source {source!r}: expected pystdlib, text:<glob>, tfds:<name>[/<config>], "
-            f"prepared:<dir> or arithmetic:<seed>"
+            f"prepared:<dir>, store:<dir> or arithmetic:<seed>"
         )
     max_docs = data_cfg.get("max_documents", None)
     if max_docs is not None and kind != "tfds":
-        full = result.load
-        result.load = lambda: full()[:max_docs]
-        result.fingerprint = content_fingerprint([], result.fingerprint, f"max={max_docs}")
+        full, full_stream, full_fp = result.load, result._stream, result._fingerprint
+        result.load = functools.cache(lambda: full()[:max_docs])
+        result._stream = lambda: itertools.islice(full_stream(), max_docs)
+        result._fingerprint = lambda: content_fingerprint(
+            [], full_fp() if callable(full_fp) else full_fp, f"max={max_docs}")
     return result
 
 
@@ -321,6 +375,12 @@ def describe(data_cfg) -> dict:
     kind, _, arg = data_cfg.source.partition(":")
     if kind == "pystdlib":
         out.update(describe_pystdlib())
+    elif kind == "store":
+        try:
+            with open(os.path.join(os.path.expanduser(arg), "index.json")) as f:
+                out["store_from"] = json.load(f)["source"]
+        except (FileNotFoundError, KeyError, ValueError):
+            pass
     elif kind == "prepared":
         try:
             with open(os.path.join(os.path.expanduser(arg), "meta.json")) as f:

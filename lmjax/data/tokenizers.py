@@ -1,6 +1,10 @@
-"""Tokenizers: one small interface (`Tokenizer`) over SentencePiece, bytes and characters.
+"""Tokenizers: one small interface (`Tokenizer`) over SentencePiece, bytes, characters and the
+pretrained ones of pretrained_tokenizers.py.
 
 `build_tokenizer(data_cfg)` picks one by `data_cfg.tokenizer`:
+  gpt2           GPT-2's byte-level BPE (tiktoken r50k_base, 50,257 ids).
+  <path>.json    a Hugging Face tokenizer.json (a Llama tokenizer as is).
+  <path>.model   an existing SentencePiece model.
   sentencepiece  loads `data_cfg.tokenizer_path` if set (or `<dir>/tokenizer.model` of a
                  `prepared:<dir>` source), else trains BPE/unigram on the train split and caches the
                  model under `cache_dir/tokenizers/` keyed by a hash of (corpus, settings).
@@ -32,10 +36,11 @@ import sentencepiece as spm
 from etils import epath
 
 from lmjax import fileio
-from lmjax.data import sources
+from lmjax.data import pretrained_tokenizers, sources
 
 SPM_PAD, SPM_UNK, SPM_BOS, SPM_EOS = 0, 1, 2, 3
-TOKENIZERS = ("sentencepiece", "byte", "char")
+TOKENIZERS = ("sentencepiece", "byte", "char", "gpt2")  # or a path to a .json / .model file
+TOKENIZER_FILES = (".json", ".model")
 SPM_MODEL_TYPES = ("bpe", "unigram")
 
 
@@ -236,9 +241,24 @@ def _prepared_model(data_cfg) -> str | None:
     return path if os.path.isfile(path) and trained_with == wanted else None
 
 
+def check_name(kind: str) -> None:
+    if kind not in TOKENIZERS and not kind.endswith(TOKENIZER_FILES):
+        raise ValueError(
+            f"unknown data.tokenizer {kind!r}: expected one of {TOKENIZERS}, or the path of a Hugging Face "
+            f"tokenizer.json or a SentencePiece .model"
+        )
+
+
 def build_tokenizer(data_cfg, *, verbose: bool = False, use_prepared: bool = True) -> Tokenizer:
     """The tokenizer `data_cfg` asks for, trained on (and cached for) its train split if needed."""
     kind = data_cfg.tokenizer
+    check_name(kind)
+    if kind == "gpt2":
+        return pretrained_tokenizers.TiktokenTokenizer()
+    if kind.endswith(".json"):
+        return pretrained_tokenizers.HuggingFaceTokenizer(kind)
+    if kind.endswith(".model"):
+        return SentencePieceTokenizer.load(kind)
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
@@ -247,10 +267,11 @@ def build_tokenizer(data_cfg, *, verbose: bool = False, use_prepared: bool = Tru
             for doc in sources.get_split(data_cfg, split).documents():
                 chars.update(doc)
         return CharTokenizer(sorted(chars))
-    if kind != "sentencepiece":
-        raise ValueError(f"unknown data.tokenizer {kind!r}: expected one of {TOKENIZERS}")
     if data_cfg.get("tokenizer_path", None):
         return SentencePieceTokenizer.load(data_cfg.tokenizer_path)
+    source_kind, _, source_dir = data_cfg.source.partition(":")
+    if source_kind == "store":  # tokenized already: the model it was tokenized with
+        return SentencePieceTokenizer.load(os.path.join(os.path.expanduser(source_dir), "tokenizer.model"))
     prepared = _prepared_model(data_cfg) if use_prepared else None
     if prepared:
         return SentencePieceTokenizer.load(prepared)

@@ -18,6 +18,6 @@ accounting.py (parameter and FLOP counts).
 from lmjax.model import decoding
 from lmjax.model.accounting import flops_per_token, param_count
 from lmjax.model.decoding import generate
-from lmjax.model.transformer import Block, Transformer
+from lmjax.model.transformer import Block, Transformer, padded_vocab_size
 
-__all__ = ["Block", "Transformer", "decoding", "flops_per_token", "generate", "param_count"]
+__all__ = ["Block", "Transformer", "decoding", "flops_per_token", "generate", "padded_vocab_size", "param_count"]

@@ -2,6 +2,7 @@
 
 from lmjax.model.attention import check_heads, head_dim
 from lmjax.model.mlp import mlp_dim
+from lmjax.model.transformer import padded_vocab_size
 
 
 def _norm_params(cfg, dim: int) -> int:
@@ -17,6 +18,7 @@ def param_count(cfg, non_embedding: bool = False) -> int:
     if cfg.vocab_size is None:
         raise ValueError("config.model.vocab_size is None: set it before counting parameters")
     check_heads(cfg)
+    V = padded_vocab_size(cfg)
     D, H, K, E, F = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg), mlp_dim(cfg)
     bias = int(cfg.use_bias)
     attn = D * H * E + 2 * D * K * E + H * E * D + bias * (H * E + 2 * K * E + D)
@@ -29,11 +31,11 @@ def param_count(cfg, non_embedding: bool = False) -> int:
     block = attn + mlp + 2 * _norm_params(cfg, D)
     total = cfg.num_layers * block + _norm_params(cfg, D)
     if not non_embedding:
-        total += cfg.vocab_size * D
+        total += V * D
         if cfg.position == "learned":
             total += cfg.max_len * D
         if not cfg.tie_embeddings:
-            total += D * cfg.vocab_size
+            total += D * V
     return total
 
 
@@ -45,6 +47,6 @@ def flops_per_token(cfg, seq_len: int) -> float:
     counts QK^T and AV over the full seq_len (PaLM appendix B convention; causal masking is not
     subtracted, as in the published MFU figures).
     """
-    n_matmul = param_count(cfg, non_embedding=True) + cfg.embed_dim * cfg.vocab_size
+    n_matmul = param_count(cfg, non_embedding=True) + cfg.embed_dim * padded_vocab_size(cfg)
     attention = 12 * cfg.num_layers * cfg.num_heads * head_dim(cfg) * seq_len
     return float(6 * n_matmul + attention)

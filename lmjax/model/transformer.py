@@ -18,6 +18,20 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 REMAT_CHOICES = ("none", *REMAT_POLICIES)
+# Logit of a padding id: far below any real logit, so its probability is exactly 0, yet finite, so
+# that the loss's one-hot product (0 * logit) stays 0 and dividing by a temperature cannot overflow.
+PADDING_LOGIT = -1e9
+
+
+def padded_vocab_size(cfg) -> int:
+    """Rows of the embedding and LM head: model.vocab_size rounded up to model.vocab_multiple.
+
+    A mesh splits the vocabulary dimension over an axis, and TPUs lay it out in 128-wide lanes:
+    GPT-2's 50,257 ids divide neither, 50,304 divides both. The ids past vocab_size are never
+    inputs or targets, and their logits are PADDING_LOGIT, so no loss or sample ever sees them.
+    """
+    multiple = int(cfg.get("vocab_multiple", None) or 1)
+    return -(-int(cfg.vocab_size) // multiple) * multiple
 
 
 def _cpu_fusion_boundary(g: jax.Array) -> jax.Array:
@@ -124,7 +138,7 @@ class Transformer(nn.Module):
             raise ValueError(f"config.model.position={cfg.position!r}: expected one of {expected}")
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, L = tokens_BxL.shape
-        V, D = cfg.vocab_size, cfg.embed_dim
+        V, D = padded_vocab_size(cfg), cfg.embed_dim
         positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions is None else positions
 
         def init(names):
@@ -178,6 +192,8 @@ class Transformer(nn.Module):
         logits_BxLxV = jnp.einsum(
             "bld,dv->blv", x_BxLxD, head_DxV, preferred_element_type=jnp.float32
         ).astype(jnp.float32)
+        if V > cfg.vocab_size:
+            logits_BxLxV = jnp.where(jnp.arange(V) < cfg.vocab_size, logits_BxLxV, PADDING_LOGIT)
         logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
         if cache is None:
             return logits_BxLxV

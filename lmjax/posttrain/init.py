@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
+from lmjax.model import padded_vocab_size
 from lmjax.train import step as step_lib
 from lmjax.train.state import TrainState
 from lmjax.train.workdir import Setup
@@ -68,7 +69,7 @@ def initial_state(config: config_dict.ConfigDict, model: nn.Module, mesh: jax.sh
     initialised."""
     boxed = step_lib.abstract_params(config, model)
     tx, _ = step_lib.make_tx(config, boxed)
-    vocab_size = int(config.model.vocab_size)
+    vocab_size = padded_vocab_size(config.model)
     names = (subtree,) if isinstance(subtree, str) else subtree
     trees = (pretrained,) if isinstance(subtree, str) else pretrained
     if subtree is None:

@@ -168,7 +168,7 @@ class PPORun:
         setup, config, p = self.setup, self.config, self.config.ppo
         restored = setup.restore(read_only=False)
         pretrained = init_lib.load_params(self.source_config, self.init_from)  # the reference, always
-        reference = jax.jit(lambda params: init_lib.grow_vocab(params, int(config.model.vocab_size)),
+        reference = jax.jit(lambda params: init_lib.grow_vocab(params, model.padded_vocab_size(config.model)),
                             out_shardings=setup.state_shardings.params["policy"])(pretrained)
         reward_params = self.reward_setup.restore(read_only=True).state.params
         rows = len(self.prompts)
