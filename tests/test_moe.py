@@ -183,6 +183,7 @@ def test_router_losses_have_their_closed_forms():
 def test_router_losses_enter_the_training_objective_with_their_weights():
     c = default_config()
     c.model = model_cfg(dispatch="capacity", load_balance_loss=0.5, router_z_loss=0.25)
+    c.model.num_layers = 1
     c.data.seq_len = L
     model = Transformer(c.model)
     tokens = jax.random.randint(jax.random.key(3), (B, L + 1), 0, 64)
@@ -220,50 +221,63 @@ def test_bad_moe_config_names_the_key():
         check(c)
 
 
-# --- training through lmjax.main: 8 fake devices (expert=4 x data=2) against 1 device ------------
+# --- 8 fake devices (expert=4 x data=2) against 1, and training through lmjax.main on them -------
 
 STEPS = 3
-MOE_OVERRIDES = {"model.moe.num_experts": 4, "model.moe.dispatch": "capacity", "model.moe.shared_experts": 1,
-                 "train.steps": STEPS, "train.batch_size": 8, "eval.num_samples": 0}
+MOE_OVERRIDES = {"model.num_layers": 1, "model.moe.num_experts": 4, "model.moe.dispatch": "capacity",
+                 "model.moe.shared_experts": 1, "train.steps": STEPS, "train.batch_size": 8,
+                 "eval.num_samples": 0, "eval.steps": 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def eight_devices_run(tmp_path_factory):
+    """tests/moe_multidevice_check.py in one subprocess (the fake device count must be set before
+    JAX is imported), started before this module's first test so that it runs beside the others."""
+    directory = str(tmp_path_factory.mktemp("moe"))
+    preset = write_tiny_preset(directory, steps=STEPS, eval_every=STEPS)
+    out, workdir = os.path.join(directory, "result.json"), os.path.join(directory, "run")
+    env = main_env()  # with a persistent compilation cache: lmjax.main reuses the programs compiled before it
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # LLVM -O0: half the compile time, as test_multidevice
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "moe_multidevice_check.py"), preset, workdir,
+         json.dumps(MOE_OVERRIDES), out],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    yield proc, out, workdir
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
 
 @pytest.fixture(scope="module")
-def eight_and_one(tmp_path_factory):
-    """metrics.jsonl records of the same run on 8 devices (a `python -m lmjax.main` subprocess,
-    started first) and on this process's one device (the trainer, meanwhile)."""
-    directory = str(tmp_path_factory.mktemp("moe"))
-    preset = write_tiny_preset(directory, steps=STEPS, eval_every=STEPS)
-    env = main_env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    eight = subprocess.Popen(
-        [sys.executable, "-m", "lmjax.main", f"--config={preset}", f"--workdir={directory}/eight",
-         *(f"--config.{key}={value}" for key, value in MOE_OVERRIDES.items()),
-         "--config.mesh.expert=4", "--config.mesh.data=2"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    from lmjax import config as config_lib
-    from lmjax.train import trainer
-
-    config = config_lib.load(preset, MOE_OVERRIDES)
-    os.environ.setdefault("LMJAX_CPU_PEAK_FLOPS", "1e11")
-    trainer.train(config, f"{directory}/one")
-    stdout, stderr = eight.communicate(timeout=300)
-    assert eight.returncode == 0, stderr[-3000:]
-    return metrics.read_metrics(f"{directory}/eight"), metrics.read_metrics(f"{directory}/one"), stdout
+def eight_devices(eight_devices_run):
+    """(the check's JSON, the metrics records of its lmjax.main run, its stdout)."""
+    proc, out, workdir = eight_devices_run
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-4000:]
+    with open(out) as f:
+        return json.load(f), metrics.read_metrics(workdir), stdout
 
 
-def test_eight_devices_expert4_data2_train_as_one_device(eight_and_one):
-    eight, one, stdout = eight_and_one
-    assert "8 cpu device(s)" in stdout
-    assert [r["step"] for r in eight] == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([r["loss"] for r in eight], [r["loss"] for r in one], atol=1e-5)
-    np.testing.assert_allclose([r["grad_norm"] for r in eight], [r["grad_norm"] for r in one], rtol=1e-4)
-    for key in ("moe_load_balance_loss", "moe_router_z_loss", "moe_dropped_fraction"):
-        np.testing.assert_allclose([r[key] for r in eight], [r[key] for r in one], atol=1e-5)
-    load = np.array([r["moe_expert_load"] for r in eight])
-    assert load.shape == (STEPS, 4)
-    np.testing.assert_allclose(load.sum(axis=1), 1.0, rtol=1e-5)
-    assert eight[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], abs=1e-5)
+def test_eight_devices_expert4_data2_train_as_one_device(eight_devices):
+    r, _, _ = eight_devices
+    np.testing.assert_allclose(r["losses_8"], r["losses_1"], atol=1e-5)
+    np.testing.assert_allclose(r["grad_norms_8"], r["grad_norms_1"], rtol=1e-5)
+    assert r["max_param_diff"] < 1e-5
+    # 4 experts over the expert axis; the batch rows over data x expert.
+    assert r["expert_kernel_shape"][0] == 4 and r["expert_kernel_shard_shape"][0] == 1
+    assert r["batch_spec"] == "P(('data', 'fsdp', 'expert'), None)"
+
+
+def test_moe_config_trains_through_main_on_the_expert_mesh(eight_devices):
+    r, records, stdout = eight_devices
+    assert r["main_exit_code"] == 0 and "8 cpu device(s)" in stdout
+    assert [x["step"] for x in records] == list(range(1, STEPS + 1))
+    for x in records:
+        assert np.isfinite(x["loss"]) and x["moe_load_balance_loss"] >= 1.0 - 1e-6 and x["moe_router_z_loss"] > 0
+        assert 0 <= x["moe_dropped_fraction"] < 1 and len(x["moe_expert_load"]) == 4
+        assert sum(x["moe_expert_load"]) == pytest.approx(1.0, rel=1e-5)
+    assert np.isfinite(records[-1]["val_loss"])
 
 
 @needs_libtpu
@@ -271,6 +285,7 @@ def test_moe_config_compiles_ahead_of_time_for_a_tpu_slice():
     """expert=4 x data=2 on a v5e-8: the capacity path fits, and its expert weights are split 4 ways."""
     c = default_config()
     c.model = model_cfg(dispatch="capacity", shared_experts=1)
+    c.model.num_layers = 1
     c.data.seq_len = 16
     c.train.batch_size = 8
     c.mesh.update(expert=4, data=2)
