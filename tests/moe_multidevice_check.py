@@ -18,10 +18,10 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
+from multidevice_check import flatten, train_on  # noqa: E402
 
 from lmjax import cli  # noqa: E402
 from lmjax import config as config_lib  # noqa: E402
-from multidevice_check import flatten, train_on  # noqa: E402
 
 ONE = dict(data=1, fsdp=1, expert=1, tensor=1)
 EXPERT4_DATA2 = dict(data=2, fsdp=1, expert=4, tensor=1)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from test_aot import needs_libtpu
+from test_main import REPO, main_env, write_tiny_preset
 
 from lmjax import aot
 from lmjax.config import check, default_config
@@ -22,8 +24,6 @@ from lmjax.model import Transformer, moe, param_count
 from lmjax.model.mlp import ACTIVATIONS, Mlp
 from lmjax.train import metrics
 from lmjax.train.step import lm_loss_sums_fn
-from test_aot import needs_libtpu
-from test_main import REPO, main_env, write_tiny_preset
 
 D, B, L = 16, 2, 8
 

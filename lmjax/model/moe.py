@@ -32,8 +32,10 @@ STATS = {"load_balance_loss": 0, "router_z_loss": 0, "expert_load": 1, "dropped_
 
 
 def enabled(cfg: Any) -> bool:
-    """Whether `config.model` asks for MoE FFNs (model.moe.num_experts > 0)."""
-    return int(cfg.moe.num_experts) > 0
+    """Whether `config.model` asks for MoE FFNs (model.moe.num_experts > 0); a model config saved
+    before MoE existed has no `moe` section and is dense."""
+    moe = cfg.get("moe")
+    return moe is not None and int(moe.num_experts) > 0
 
 
 def expert_dim(cfg: Any) -> int:
@@ -208,8 +210,9 @@ class MoeMlp(nn.Module):
         kept_BxLxX = jnp.sum(kept_BxLxAxX, axis=2)
         slot_BxLxX = jnp.sum(slot_BxLxAxX * choice_BxLxAxX, axis=2)
         weight_BxLxX = jnp.sum(weights_BxLxA[..., None] * kept_BxLxAxX, axis=2)
-        dispatch_BxLxXxC = jax.nn.one_hot(slot_BxLxX, C, dtype=x_BxLxD.dtype) * kept_BxLxX[..., None].astype(x_BxLxD.dtype)
-        combine_BxLxXxC = dispatch_BxLxXxC * weight_BxLxX[..., None].astype(x_BxLxD.dtype)
+        dtype = x_BxLxD.dtype
+        dispatch_BxLxXxC = jax.nn.one_hot(slot_BxLxX, C, dtype=dtype) * kept_BxLxX[..., None].astype(dtype)
+        combine_BxLxXxC = dispatch_BxLxXxC * weight_BxLxX[..., None].astype(dtype)
         dispatch_BxLxXxC = nn.with_logical_constraint(dispatch_BxLxXxC, ("batch", "length", None, None))
         x_XxBxCxD = jnp.einsum("blxc,bld->xbcd", dispatch_BxLxXxC, x_BxLxD)
         x_XxBxCxD = nn.with_logical_constraint(x_XxBxCxD, ("expert", "batch", None, "embed"))

@@ -7,9 +7,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax.model import moe as moe_lib
 from lmjax.model import positions as pos_lib
 from lmjax.model.attention import Attention, cache_write
-from lmjax.model import moe as moe_lib
 from lmjax.model.mlp import Mlp
 from lmjax.model.norms import make_norm
 
