@@ -20,7 +20,7 @@ from ml_collections import config_dict
 placeholder = config_dict.placeholder
 
 # Logical axis name -> mesh axes. Parameters and activations name their axes logically; this
-# table alone decides data parallelism, FSDP (ZeRO-3) and Megatron tensor parallelism.
+# table alone decides data parallelism, FSDP (ZeRO-3), Megatron tensor parallelism and MoE expert parallelism.
 # 'expert' comes first so that an array with an expert axis takes the expert mesh axis there and
 # splits its rows over the second 'batch' entry; any other array's rows split over the first.
 DEFAULT_RULES = (
