@@ -20,8 +20,12 @@ from ml_collections import config_dict
 placeholder = config_dict.placeholder
 
 # Logical axis name -> mesh axes. Parameters and activations name their axes logically; this
-# table alone decides data parallelism, FSDP (ZeRO-3) and Megatron tensor parallelism.
+# table alone decides data parallelism, FSDP (ZeRO-3), Megatron tensor parallelism and MoE expert parallelism.
+# 'expert' comes first so that an array with an expert axis takes the expert mesh axis there and
+# splits its rows over the second 'batch' entry; any other array's rows split over the first.
 DEFAULT_RULES = (
+    ("expert", "expert"),
+    ("batch", ("data", "fsdp", "expert")),
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("vocab", "tensor"),
@@ -72,6 +76,17 @@ def default_config() -> config_dict.ConfigDict:
     m.param_dtype = "float32"  # parameter (and optimizer state) dtype
     m.remat = "none"  # gradient checkpointing: none | full | dots
     m.scan_layers = False  # nn.scan over blocks: one compiled block, fast compiles of deep models
+    moe = m.moe = config_dict.ConfigDict()  # Mixture-of-Experts FFNs (lmjax/model/moe.py)
+    moe.num_experts = 0  # routed experts in every block's FFN; 0: the dense FFN
+    moe.experts_per_token = 2  # k: experts each token is sent to
+    moe.shared_experts = 0  # experts every token also goes through (DeepSeekMoE), as one FFN
+    moe.expert_dim = placeholder(int)  # one expert's hidden width; None: the dense FFN's (mlp_dim)
+    moe.router = "softmax"  # softmax | sigmoid: expert scores from the router logits
+    moe.renormalize = True  # mix the top-k with weights rescaled to sum to 1 (Mixtral); False: raw scores (Switch)
+    moe.dispatch = "dropless"  # dropless (grouped matmul, jax.lax.ragged_dot) | capacity (einsum, drops overflow)
+    moe.capacity_factor = 1.25  # capacity: slots per expert and row = ceil(k * seq_len * factor / num_experts)
+    moe.load_balance_loss = 0.01  # weight of the Switch load-balancing loss in the objective
+    moe.router_z_loss = 0.001  # weight of the ST-MoE router z-loss in the objective
 
     d = c.data = config_dict.ConfigDict()
     d.source = "pystdlib"  # pystdlib | text:<glob> | tfds:<name>[/<config>] | prepared:<dir> (lmjax.data.prepare output) | store:<dir> (prepare --store: token shards)
@@ -147,6 +162,7 @@ def default_config() -> config_dict.ConfigDict:
     mesh.data = -1  # data-parallel axis size; -1 takes the remaining devices
     mesh.fsdp = 1  # fully-sharded data-parallel axis size (params sharded over it)
     mesh.tensor = 1  # tensor-parallel axis size (heads, mlp, vocab split over it)
+    mesh.expert = 1  # expert-parallel axis size (MoE experts split over it; it splits the batch too)
     mesh.num_slices = 1  # multislice: the data axis spans slices (DCN)
     mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes table
 
@@ -212,7 +228,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     """The valid values of every enumerated key, read from the modules that implement them (imported
     here, not at the top, so that loading a preset stays free of JAX)."""
     from lmjax.data import packing, sources, tokenizers
-    from lmjax.model import attention, mlp, norms, positions, transformer
+    from lmjax.model import attention, mlp, moe, norms, positions, transformer
     from lmjax.train import optimizer, scheduled_sampling, schedules
 
     return {
@@ -224,6 +240,8 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.dtype": DTYPES,
         "model.param_dtype": DTYPES,
         "model.remat": transformer.REMAT_CHOICES,
+        "model.moe.router": moe.ROUTERS,
+        "model.moe.dispatch": moe.DISPATCHES,
         "data.spm_model_type": tokenizers.SPM_MODEL_TYPES,
         "data.packing": packing.PACKINGS,
         "data.doc_split": sources.DOC_SPLITS,
@@ -289,8 +307,10 @@ def check(config: config_dict.ConfigDict) -> None:
             "the size of the learned position table"
         )
     from lmjax.data import sources, tokenizers
+    from lmjax.model import moe
 
     tokenizers.check_name(config.data.tokenizer)
+    moe.check(config.model)
     if not config.data.source.startswith(sources.SOURCE_KINDS):
         raise ValueError(
             f"config.data.source={config.data.source!r}: expected pystdlib, text:<glob>, tfds:<name>, prepared:<dir>, "

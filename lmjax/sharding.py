@@ -1,9 +1,10 @@
 """The device mesh, the logical-axis rules, and placing parameters and batches on the mesh.
 
 Parallelism in lmjax is data, not code: the model names every array axis logically (`embed`,
-`heads`, `batch`, ...), `config.mesh.rules` maps those names to the mesh axes `data`, `fsdp` and
-`tensor`, and the mesh sizes in `config.mesh` decide how many devices each axis spans. Data
-parallelism, FSDP (ZeRO-3) and Megatron tensor parallelism, and their mixes, are choices of sizes.
+`heads`, `batch`, ...), `config.mesh.rules` maps those names to the mesh axes `data`, `fsdp`,
+`expert` and `tensor`, and the mesh sizes in `config.mesh` decide how many devices each axis spans.
+Data parallelism, FSDP (ZeRO-3), Megatron tensor parallelism, MoE expert parallelism, and their
+mixes, are choices of sizes.
 """
 
 import contextlib
@@ -17,16 +18,16 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
-def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
-    """Sizes of (data, fsdp, tensor); one size may be -1 to take the devices the others leave."""
-    sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, ...]:
+    """Sizes of MESH_AXES; one size may be -1 to take the devices the others leave."""
+    sizes = {axis: int(mesh_cfg.get(axis, 1)) for axis in MESH_AXES}
     inferred = [axis for axis, size in sizes.items() if size == -1]
     if len(inferred) > 1:
-        raise ValueError(f"Only one of config.mesh.{{data,fsdp,tensor}} may be -1, got {sizes}.")
+        raise ValueError(f"Only one of config.mesh.{{{','.join(MESH_AXES)}}} may be -1, got {sizes}.")
     if any(size == 0 or size < -1 for size in sizes.values()):
         raise ValueError(f"config.mesh sizes must be positive or -1, got {sizes}.")
     known = math.prod(size for size in sizes.values() if size != -1)
@@ -42,14 +43,14 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
             f"config.mesh {sizes} spans {math.prod(sizes.values())} devices but there are "
             f"{num_devices}; set one axis to -1 to take the remaining devices."
         )
-    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+    return tuple(sizes[axis] for axis in MESH_AXES)
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: every device of every host).
+    """A (data, fsdp, expert, tensor) mesh over `devices` (default: every device of every host).
 
     With `config.mesh.num_slices > 1` the data axis spans the slices (slow DCN links carry only
-    the gradient all-reduce) and fsdp/tensor stay inside a slice on the fast ICI links. Axis types
+    the gradient all-reduce) and fsdp/expert/tensor stay inside a slice on the fast ICI links. Axis types
     are Auto: the step is a classic GSPMD program steered by sharding constraints.
     """
     devices = list(jax.devices() if devices is None else devices)
@@ -61,9 +62,9 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:
                 f"config.mesh.data={shape[0]} must be a multiple of "
                 f"config.mesh.num_slices={num_slices}: the data axis spans the slices."
             )
-        per_slice = (shape[0] // num_slices, shape[1], shape[2])
+        per_slice = (shape[0] // num_slices, *shape[1:])
         device_array = mesh_utils.create_hybrid_device_mesh(
-            per_slice, (num_slices, 1, 1), devices, allow_split_physical_axes=True
+            per_slice, (num_slices,) + (1,) * (len(shape) - 1), devices, allow_split_physical_axes=True
         )
     else:
         device_array = mesh_utils.create_device_mesh(

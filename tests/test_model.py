@@ -333,8 +333,8 @@ from lmjax.model import Transformer
 from test_model import FAST_COMPILE, tiny_cfg
 cfg = tiny_cfg(position="rope", scan_layers=True)
 model, tokens = Transformer(cfg), jnp.arange(64, dtype=jnp.int32).reshape(4, 16) % 64
-devices = np.array(jax.devices()).reshape(1, 2, 2)
-mesh = Mesh(devices, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+devices = np.array(jax.devices()).reshape(1, 2, 1, 2)
+mesh = Mesh(devices, ("data", "fsdp", "expert", "tensor"), axis_types=(AxisType.Auto,) * 4)
 abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
 shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, DEFAULT_RULES)
 with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):

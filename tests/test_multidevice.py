@@ -75,7 +75,7 @@ def test_fsdp_and_tensor_split_the_arrays(results):
     "mesh,rows", [("data8", 2), ("fsdp8", 2), ("tensor2_data4", 4), ("data2_fsdp2_tensor2", 4)]
 )
 def test_batch_is_split_over_data_and_fsdp(results, mesh, rows):
-    assert results[mesh]["batch"]["spec"] == "P(('data', 'fsdp'), None)"
+    assert results[mesh]["batch"]["spec"] == "P(('data', 'fsdp', 'expert'), None)"
     assert results[mesh]["batch"]["shard_rows"] == rows  # of 16
 
 

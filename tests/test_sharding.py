@@ -20,10 +20,11 @@ def mesh_cfg(**sizes):
 @pytest.mark.parametrize(
     "sizes,expected",
     [
-        (dict(data=-1, fsdp=1, tensor=1), (8, 1, 1)),
-        (dict(data=2, fsdp=-1, tensor=2), (2, 2, 2)),
-        (dict(data=1, fsdp=4, tensor=-1), (1, 4, 2)),
-        (dict(data=2, fsdp=4, tensor=1), (2, 4, 1)),
+        (dict(data=-1, fsdp=1, tensor=1), (8, 1, 1, 1)),
+        (dict(data=2, fsdp=-1, tensor=2), (2, 2, 1, 2)),
+        (dict(data=1, fsdp=4, tensor=-1), (1, 4, 1, 2)),
+        (dict(data=2, fsdp=4, tensor=1), (2, 4, 1, 1)),
+        (dict(data=2, fsdp=1, expert=-1, tensor=1), (2, 1, 4, 1)),
     ],
 )
 def test_mesh_shape_infers_minus_one(sizes, expected):
@@ -46,14 +47,14 @@ def test_mesh_shape_errors_are_readable(sizes, match):
 
 def test_make_mesh_has_auto_axes_over_all_devices():
     mesh = sharding.make_mesh(mesh_cfg())
-    assert mesh.axis_names == ("data", "fsdp", "tensor")
-    assert dict(mesh.shape) == {"data": len(jax.devices()), "fsdp": 1, "tensor": 1}
+    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor")
+    assert dict(mesh.shape) == {"data": len(jax.devices()), "fsdp": 1, "expert": 1, "tensor": 1}
     assert all(t == AxisType.Auto for t in mesh.axis_types)
 
 
 def test_rules_come_from_config_and_reject_unknown_axes():
     rules = sharding.rules(mesh_cfg())
-    assert dict(rules)["batch"] == ("data", "fsdp") and dict(rules)["heads"] == "tensor"
+    assert rules[1] == ("batch", ("data", "fsdp", "expert")) and dict(rules)["heads"] == "tensor"
     with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
         sharding.rules(mesh_cfg(rules=(("heads", "model"),)))
 
@@ -65,8 +66,8 @@ def tiny_model_config():
     return c
 
 
-def abstract_mesh(data, fsdp, tensor):
-    return AbstractMesh((data, fsdp, tensor), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+def abstract_mesh(data, fsdp, tensor, expert=1):
+    return AbstractMesh((data, fsdp, expert, tensor), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
 
 
 def test_divisibility_error_names_parameter_shape_and_axes():
@@ -88,6 +89,6 @@ def test_shard_batch_places_rows_by_the_batch_rule():
     rules = sharding.rules(mesh_cfg())
     inputs = np.arange(32, dtype=np.int32).reshape(4, 8)
     batch = sharding.shard_batch({"inputs": inputs}, mesh, rules)
-    assert batch["inputs"].sharding.spec == PartitionSpec(("data", "fsdp"), None)
+    assert batch["inputs"].sharding.spec == PartitionSpec(("data", "fsdp", "expert"), None)
     np.testing.assert_array_equal(np.asarray(batch["inputs"]), inputs)
     assert sharding.process_rows(mesh, rules, 4) == (0, 4)  # one process feeds every row

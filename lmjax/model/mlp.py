@@ -33,11 +33,12 @@ class Mlp(nn.Module):
     """x -> act(x W_in) W_out, or for swiglu (silu(x W_gate) * x W_up) W_out."""
 
     cfg: Any
+    hidden_dim: int | None = None  # F; None: mlp_dim(cfg) (MoE shared experts set their own)
 
     @nn.compact
     def __call__(self, x_BxLxD: jnp.ndarray) -> jnp.ndarray:
         cfg = self.cfg
-        F, D = mlp_dim(cfg), cfg.embed_dim
+        F, D = self.hidden_dim or mlp_dim(cfg), cfg.embed_dim
 
         def dense(name, features, names, std):
             return nn.Dense(

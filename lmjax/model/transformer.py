@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax.model import moe as moe_lib
 from lmjax.model import positions as pos_lib
 from lmjax.model.attention import Attention, cache_write
 from lmjax.model.mlp import Mlp
@@ -73,7 +74,8 @@ class Block(nn.Module):
         attention = Attention(cfg, self.deterministic, name="attn")
         h_BxLxD, cache = attention(make_norm(cfg, "attn_norm")(x_BxLxD), ctx, cache)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD + drop(h_BxLxD), ("batch", "length", "embed"))
-        h_BxLxD = Mlp(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxLxD))
+        mlp = moe_lib.MoeMlp(cfg, name="moe") if moe_lib.enabled(cfg) else Mlp(cfg, name="mlp")
+        h_BxLxD = mlp(make_norm(cfg, "mlp_norm")(x_BxLxD))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD + drop(h_BxLxD), ("batch", "length", "embed"))
         return x_BxLxD, cache
 
@@ -164,7 +166,7 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             blocks = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, moe_lib.COLLECTION: 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, 0),
                 length=cfg.num_layers,

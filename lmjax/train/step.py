@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from lmjax import sharding
+from lmjax.model import moe as moe_lib
 from lmjax.train import scheduled_sampling
 from lmjax.train.loss import cross_entropy_sums, safe_mean
 from lmjax.train.optimizer import decay_mask, make_optimizer
@@ -112,8 +113,12 @@ def lm_loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
     """(params, batch, dropout_key, step) -> (objective, sums) for value_and_grad: the next-token loss.
 
     `sums` holds `loss_sum`, `weight_sum` and `z_sum`; a loss of another kind (post-training's
-    pairwise losses) has the same form, and may add sums of its own (see make_train_step)."""
+    pairwise losses) has the same form, and may add sums of its own (see make_train_step).
+    A MoE model's router losses (means over its layers) enter the objective weighted by the batch's
+    token weight, so that dividing by the total weight leaves them as configured; they and the
+    per-expert load come back as `moe_<stat>_sum`, hence the metrics `moe_<stat>`."""
     z_weight = float(config.train.z_loss)
+    moe = moe_lib.enabled(config.model)
     deterministic = float(config.model.dropout) == 0.0
     sampling = config.train.scheduled_sampling != "none"
 
@@ -132,10 +137,18 @@ def lm_loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
             segment_ids=batch.get("segment_ids"),
             deterministic=deterministic,
             rngs={"dropout": dropout_key},
+            mutable=[moe_lib.COLLECTION] if moe else False,
         )
+        if moe:
+            logits_BxLxV, sown = logits_BxLxV
+            router_stats = moe_lib.layer_means(sown[moe_lib.COLLECTION])
         loss_sum, weight_sum, z_sum = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"])
         objective = loss_sum + z_weight * z_sum if z_weight else loss_sum
-        return objective, {"loss_sum": loss_sum, "weight_sum": weight_sum, "z_sum": z_weight * z_sum}
+        sums = {"loss_sum": loss_sum, "weight_sum": weight_sum, "z_sum": z_weight * z_sum}
+        if moe:
+            objective = objective + weight_sum * moe_lib.aux_loss(config.model.moe, router_stats)
+            sums.update({f"moe_{name}_sum": weight_sum * value for name, value in router_stats.items()})
+        return objective, sums
 
     return loss_sums
 

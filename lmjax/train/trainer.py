@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import config_dict
 
 from lmjax import cli, data, hardware, model, sharding
@@ -173,6 +174,7 @@ class Trainer:
         self._check_finite(step)
         steps_per_sec = self.throughput.update(step)
         record = {key: float(step_metrics[key]) for key in ("loss", "lr", "grad_norm")}
+        record.update({key: np.asarray(value).tolist() for key, value in step_metrics.items() if key.startswith("moe_")})
         record.update(self._speed(steps_per_sec))
         if evaluate:
             self.last_eval = validation.evaluate_params(self.eval_step, state.params, self.val_set,

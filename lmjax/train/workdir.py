@@ -66,10 +66,13 @@ class Setup:
         if saved is None:
             return  # unreadable: restore_latest reports it
         current = config_lib.to_json(self.config)["model"]
+        # A key added after the checkpoint was written held its default value there.
+        defaults = config_lib.to_json(config_lib.default_config())["model"]
+        saved_model = {**defaults, **saved["model"]}
         diffs = [
-            f"model.{key}: checkpoint {saved['model'].get(key)!r}, config {value!r}"
+            f"model.{key}: checkpoint {saved_model.get(key)!r}, config {value!r}"
             for key, value in current.items()
-            if key not in config_lib.RUNTIME_MODEL_KEYS and saved["model"].get(key) != value
+            if key not in config_lib.RUNTIME_MODEL_KEYS and saved_model.get(key) != value
         ]
         if diffs:
             raise ValueError(f"the checkpoint in {manager.directory} holds a different model: " + "; ".join(diffs))
