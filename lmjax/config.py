@@ -121,6 +121,10 @@ def default_config() -> config_dict.ConfigDict:
     t.scheduled_sampling_k = 1000.0  # the schedule's k: linear: steps to reach 1; exponential: k^i (< 1); inverse_sigmoid: k
     t.scheduled_sampling_max = 0.25  # cap on the replacement probability
     t.log_every = 10  # steps between metric lines
+    # Early exits (lmjax/model/early_exit.py): layer counts after which the final norm and head also
+    # predict, trained by a LayerSkip-style depth-weighted sum of their losses; () is off.
+    t.early_exit_layers = ()
+    t.early_exit_scale = 1.0  # weight of the exits against the last layer (0: the plain loss)
 
     o = c.optim = config_dict.ConfigDict()
     o.name = "adamw"  # adamw | adafactor | lion | sgd
@@ -242,6 +246,7 @@ AT_LEAST_ONE = (
 AT_LEAST_ZERO = (
     "optim.lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip", "train.z_loss",
     "eval.num_samples", "eval.sample_tokens", "eval.sample_temperature", "data.grain_workers",
+    "train.early_exit_scale",
 )
 
 

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from lmjax import sharding
+from lmjax.model import early_exit
 from lmjax.train import scheduled_sampling
 from lmjax.train.loss import cross_entropy_sums, safe_mean
 from lmjax.train.optimizer import decay_mask, make_optimizer
@@ -112,10 +113,14 @@ def lm_loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
     """(params, batch, dropout_key, step) -> (objective, sums) for value_and_grad: the next-token loss.
 
     `sums` holds `loss_sum`, `weight_sum` and `z_sum`; a loss of another kind (post-training's
-    pairwise losses) has the same form, and may add sums of its own (see make_train_step)."""
+    pairwise losses) has the same form, and may add sums of its own (see make_train_step).
+    With `train.early_exit_layers`, the objective is lmjax.model.early_exit's weighted sum over exits."""
     z_weight = float(config.train.z_loss)
     deterministic = float(config.model.dropout) == 0.0
     sampling = config.train.scheduled_sampling != "none"
+    exits = early_exit.check_exits(config.model, config.train.early_exit_layers)
+    num_layers = int(config.model.num_layers)
+    exit_weights = early_exit.exit_weights(num_layers, exits, float(config.train.early_exit_scale))
 
     def loss_sums(params: Any, batch: dict[str, jax.Array], dropout_key: jax.Array, step: jax.Array):
         inputs = batch["inputs"]
@@ -125,17 +130,26 @@ def lm_loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
             probability = scheduled_sampling.replace_probability(config.train, step)
             inputs = scheduled_sampling.mix_inputs(inputs, jnp.argmax(guess_logits_BxLxV, axis=-1), batch["weights"],
                                                    probability, jax.random.fold_in(dropout_key, 1))
-        logits_BxLxV = model.apply(
-            {"params": params},
-            inputs,
-            positions=batch.get("positions"),
-            segment_ids=batch.get("segment_ids"),
-            deterministic=deterministic,
-            rngs={"dropout": dropout_key},
-        )
+        forward = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                       deterministic=deterministic, rngs={"dropout": dropout_key})
+        if exits:
+            return _early_exit_sums(params, inputs, batch, forward)
+        logits_BxLxV = model.apply({"params": params}, inputs, **forward)
         loss_sum, weight_sum, z_sum = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"])
         objective = loss_sum + z_weight * z_sum if z_weight else loss_sum
         return objective, {"loss_sum": loss_sum, "weight_sum": weight_sum, "z_sum": z_weight * z_sum}
+
+    def _early_exit_sums(params: Any, inputs: jax.Array, batch: dict[str, jax.Array], forward: dict):
+        """The weighted sum of every exit's loss; `loss` stays the full model's, each exit is a metric."""
+        logits = early_exit.exit_logits(model, params, inputs, exits, **forward)
+        loss_sum, weight_sum, z_sum = cross_entropy_sums(logits.pop(num_layers), batch["targets"], batch["weights"])
+        objective = exit_weights[num_layers] * loss_sum + z_weight * z_sum
+        sums = {"loss_sum": loss_sum, "weight_sum": weight_sum, "z_sum": z_weight * z_sum}
+        for layers, logits_BxLxV in logits.items():
+            exit_sum, _, _ = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"])
+            objective = objective + exit_weights[layers] * exit_sum
+            sums[f"exit{layers}_loss_sum"] = exit_sum
+        return objective, sums
 
     return loss_sums
 
