@@ -146,6 +146,18 @@ def default_config() -> config_dict.ConfigDict:
     o.eps = 1e-8  # Adam epsilon (Adafactor adds its own 1e-30 to squared gradients)
     o.clip = 1.0  # global-norm gradient clipping; 0 disables
 
+    ds = c.distill = config_dict.ConfigDict()  # knowledge distillation (lmjax/train/distill.py)
+    ds.teacher_workdir = placeholder(str)  # a trained run whose newest checkpoint teaches; None: off
+    ds.temperature = 2.0  # softmax temperature of both distributions in the KL
+    ds.alpha = 0.5  # weight of the soft (KL) loss; 1 - alpha weighs the token cross-entropy
+    ds.reverse_kl = 0.0  # share of KL(student || teacher) in the KL; the rest is KL(teacher || student)
+
+    pr = c.prune = config_dict.ConfigDict()  # pruning and its recovery fine-tune (lmjax/train/pruning.py)
+    pr.from_workdir = placeholder(str)  # a trained run to prune and fine-tune with a fixed mask; None: off
+    pr.method = "magnitude"  # magnitude | wanda | 2:4 | heads
+    pr.sparsity = 0.5  # share of each matrix's weights (heads: of each layer's heads) set to zero
+    pr.calibration_batches = 4  # wanda: training batches whose activations weigh |W|
+
     mesh = c.mesh = config_dict.ConfigDict()
     mesh.data = -1  # data-parallel axis size; -1 takes the remaining devices
     mesh.fsdp = 1  # fully-sharded data-parallel axis size (params sharded over it)
