@@ -31,6 +31,7 @@ from ml_collections import FrozenConfigDict, config_dict
 from lmjax.infer import sampling
 from lmjax.model import decoding
 from lmjax.model import positions as pos_lib
+from lmjax.model import early_exit as early_exit_lib
 from lmjax.model.early_exit import check_exits, head_logits
 from lmjax.model.transformer import Block, attention_context
 from lmjax.train import workdir as workdir_lib
@@ -161,3 +162,49 @@ def generate_text(config: config_dict.ConfigDict, workdir: str, prompts: Sequenc
                           max_new_tokens, exits, threshold, rng=jax.random.key(seed),
                           eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None, **sampling_args)
     return [tokenizer.decode(tokens) for tokens in new], stats
+
+
+def evaluate_exits(setup: workdir_lib.Setup, params: Any, exits: Sequence[int], thresholds: Sequence[float]
+                   ) -> dict:
+    """On the run's validation sample, teacher-forced: each exit's loss (key "exit_loss": {layers: nats}),
+    and for each threshold the loss and mean layers of the exit rule (key "threshold": {t: (nats, layers)}).
+
+    The rule picks, per position, the first exit whose top probability exceeds t; here every position's
+    context is the full model's, where decoding gives skipped layers the exit state's keys/values."""
+    from lmjax.train import validation  # validation imports the train step
+
+    cfg, exits = setup.config.model, check_exits(setup.config.model, exits)
+    model = setup.model
+
+    @jax.jit
+    def sums(params, batch):
+        logits = early_exit_lib.exit_logits(model, params, batch["inputs"], exits)
+        weights_BxL = batch["weights"].astype(jnp.float32)
+        nll, confident = {}, {}
+        for layers, logits_BxLxV in logits.items():
+            log_p_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+            nll[layers] = -jnp.take_along_axis(log_p_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+            confident[layers] = jnp.exp(jnp.max(log_p_BxLxV, axis=-1))
+        out = {f"exit{l}": jnp.sum(nll[l] * weights_BxL) for l in nll}
+        for i, t in enumerate(thresholds):
+            chosen_BxL = nll[int(cfg.num_layers)]
+            used_BxL = jnp.full_like(chosen_BxL, cfg.num_layers)
+            for layers in reversed(exits):  # the shallowest confident exit wins
+                leave_BxL = confident[layers] > t
+                chosen_BxL = jnp.where(leave_BxL, nll[layers], chosen_BxL)
+                used_BxL = jnp.where(leave_BxL, layers, used_BxL)
+            out[f"rule{i}"] = jnp.sum(chosen_BxL * weights_BxL)
+            out[f"layers{i}"] = jnp.sum(used_BxL * weights_BxL)
+        out["weight"] = jnp.sum(weights_BxL)
+        return out
+
+    totals: dict[str, float] = {}
+    for batch in validation.ValidationSet(setup.config, setup.tokenizer):
+        for key, value in sums(params, {k: jnp.asarray(v) for k, v in batch.items()}).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    weight = totals["weight"]
+    return {
+        "exit_loss": {l: totals[f"exit{l}"] / weight for l in (*exits, int(cfg.num_layers))},
+        "threshold": {t: (totals[f"rule{i}"] / weight, totals[f"layers{i}"] / weight)
+                      for i, t in enumerate(thresholds)},
+    }

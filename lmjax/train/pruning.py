@@ -57,15 +57,13 @@ def _matrix(path: tuple[str, ...], w: jax.Array) -> jax.Array:
     return w.reshape(int(np.prod(w.shape[:inputs])), -1)
 
 
-def _drop_lowest(score_IxO: jax.Array, share: float, axis: int | None) -> jax.Array:
+def _drop_lowest(score_IxO: jax.Array, share: jax.Array, axis: int | None) -> jax.Array:
     """1.0 where kept: the round(share * n) lowest scores of the matrix (axis None) or of each slice along `axis` go."""
     if axis is None:
-        k = int(round(share * score_IxO.size))
-        rank = jnp.argsort(jnp.argsort(score_IxO.reshape(-1))).reshape(score_IxO.shape)
+        n, rank = score_IxO.size, jnp.argsort(jnp.argsort(score_IxO.reshape(-1))).reshape(score_IxO.shape)
     else:
-        k = int(round(share * score_IxO.shape[axis]))
-        rank = jnp.argsort(jnp.argsort(score_IxO, axis=axis), axis=axis)
-    return (rank >= k).astype(jnp.float32)
+        n, rank = score_IxO.shape[axis], jnp.argsort(jnp.argsort(score_IxO, axis=axis), axis=axis)
+    return (rank >= jnp.round(share * n)).astype(jnp.float32)
 
 
 def _two_of_four(score_IxO: jax.Array) -> jax.Array:
@@ -73,10 +71,10 @@ def _two_of_four(score_IxO: jax.Array) -> jax.Array:
     if n_in % 4:
         raise ValueError(f"2:4 pruning needs input widths divisible by 4, got a {score_IxO.shape} matrix")
     groups_Gx4xO = score_IxO.reshape(n_in // 4, 4, n_out)
-    return _drop_lowest(groups_Gx4xO, 0.5, axis=1).reshape(n_in, n_out)
+    return _drop_lowest(groups_Gx4xO, jnp.float32(0.5), axis=1).reshape(n_in, n_out)
 
 
-def _head_masks(block: dict, share: float) -> dict:
+def _head_masks(block: dict, share: jax.Array) -> dict:
     """{('attn', 'query', 'kernel'|'bias'), ('attn', 'out', 'kernel')} masks dropping whole query heads."""
     query_DxHxE, out_HxExD = block["attn"]["query"]["kernel"], block["attn"]["out"]["kernel"]
     score_H = jnp.sum(jnp.square(query_DxHxE), axis=(0, 2)) + jnp.sum(jnp.square(out_HxExD), axis=(1, 2))
@@ -118,11 +116,11 @@ def input_norms(model: nn.Module, params: Any, batches: list[np.ndarray]) -> dic
 def masks_for(params: Any, method: str, sparsity: float, norms: dict | None = None) -> Any:
     """A tree like `params` of float32 masks (1 kept, 0 pruned); unpruned leaves get all-ones. One compiled program."""
     keyed = None if norms is None else {"/".join(path): n for path, n in norms.items()}
-    return _masks(params, keyed, method=method, sparsity=float(sparsity))
+    return _masks(params, keyed, jnp.float32(sparsity), method=method)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "sparsity"))
-def _masks(params: Any, norms: dict | None, *, method: str, sparsity: float) -> Any:
+@functools.partial(jax.jit, static_argnames=("method",))
+def _masks(params: Any, norms: dict | None, sparsity: jax.Array, *, method: str) -> Any:
     flat = flax.traverse_util.flatten_dict(params)
     masks = {path: jnp.ones_like(w, jnp.float32) for path, w in flat.items()}
     for path, w in flat.items():
