@@ -60,10 +60,10 @@ def run_configs(steps: int, draft_steps: int):
 
 
 EXITS = (1, 2, 3)
-THRESHOLDS = (0.9, 0.7, 0.5, 0.3)
+THRESHOLDS = (0.9, 0.6, 0.3)
 PRUNE_ONE_SHOT = (("magnitude", 0.25), ("magnitude", 0.5), ("magnitude", 0.75), ("wanda", 0.25), ("wanda", 0.5),
                   ("wanda", 0.75), ("2:4", 0.5), ("heads", 0.25), ("heads", 0.5))
-PRUNE_FINETUNED = (("wanda", 0.5), ("2:4", 0.5), ("heads", 0.5))
+PRUNE_FINETUNED = (("wanda", 0.5), ("2:4", 0.5))
 
 
 def compression_configs(args, target, draft, workdir: str) -> dict:
@@ -368,17 +368,21 @@ def compression_report(args, rows, draft_figures, c, seconds) -> str:
         f"target's weights pruned, no retraining. Fine-tuned: then {args.finetune_steps} steps (lr "
         f"{args.finetune_lr:g}) through the trainer with the mask fixed (`--config.prune.from_workdir=...`).",
         "",
-        "| method | sparsity (block kernels) | nonzero params | val loss, one-shot | after fine-tune |",
-        "|---|---|---|---|---|",
-        f"| dense | 0 | {base['nonzero']:,} | {base['val_loss']:.4f} | |",
+        "| method | sparsity setting | zeros in block kernels | nonzero params | val loss, one-shot | after fine-tune |",
+        "|---|---|---|---|---|---|",
+        f"| dense | 0 | 0 | {base['nonzero']:,} | {base['val_loss']:.4f} | |",
     ]
     tuned = {(r["method"], r["sparsity"]): r for r in c["finetuned"]}
     for r in c["one_shot"]:
         after = tuned.get((r["method"], r["sparsity"]))
-        lines.append(f"| {r['method']} | {r['zeros']:.2f} | {r['nonzero']:,} | {r['val_loss']:.4f} | "
+        setting = f"{r['sparsity']:g} of heads" if r["method"] == "heads" else f"{r['sparsity']:g}"
+        lines.append(f"| {r['method']} | {setting} | {r['zeros']:.3f} | {r['nonzero']:,} | {r['val_loss']:.4f} | "
                      + (f"{after['val_loss']:.4f} |" if after else "|"))
     method, sparsity = PRUNE_FINETUNED[0]
     lines += [
+        "",
+        "The fine-tuned rows have trained more steps than the dense target: they show what the mask "
+        "costs once the remaining weights adapt, not a comparison at equal compute.",
         "",
         f"Decode speed of the {method} {sparsity:g} weights: {tok_s('pruned', 1):,.0f} tok/s at batch 1, "
         f"{tok_s('pruned', 16):,.0f} at batch 16 (float32: {base['tok_s_1']:,.0f} and {base['tok_s_16']:,.0f}): "

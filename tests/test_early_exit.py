@@ -54,17 +54,18 @@ def test_threshold_zero_gives_the_greedy_tokens_of_the_model_cut_at_the_first_ex
 
 
 def test_rows_exit_alone_as_in_a_batch(model):
-    """With some tokens leaving and some not, each row's tokens and exits are those it has decoded
-    alone; alone, a fully exited row takes the k/v-only branch, so its skipped layers' cache entries
-    must equal those of the blocks run on the frozen state."""
+    """With some tokens leaving and some not, each row's tokens and exits are those of a batch of copies
+    of it (the same compiled program as the mixed batch): there the rows leave together, so skipped
+    layers take the k/v-only branch, whose cache entries must equal those of the blocks run on the
+    frozen state in the mixed batch."""
     cfg, params = model
     threshold = 0.05  # chosen so that some tokens leave early and some do not, and one row always leaves
     batched, stats = exit_decoding.generate(cfg, params, PROMPTS, NEW, exits=(1,), threshold=threshold)
     assert 0 < stats.exit_rate < 1 and (stats.layers_used == 1).all(axis=1).any()
     for row, prompt in enumerate(PROMPTS):
-        alone, alone_stats = exit_decoding.generate(cfg, params, [prompt], NEW, exits=(1,), threshold=threshold,
-                                                     min_prompt_len=5)
-        assert alone == [batched[row]]
+        alone, alone_stats = exit_decoding.generate(cfg, params, [prompt] * len(PROMPTS), NEW, exits=(1,),
+                                                     threshold=threshold, min_prompt_len=5)
+        assert alone == [batched[row]] * len(PROMPTS)
         assert np.array_equal(alone_stats.layers_used[0], stats.layers_used[row])
 
 
