@@ -170,7 +170,7 @@ def report(args, setup, draft_setup, rows, draft_figures, spec_rows, target_s, d
         "# Inference toolbox: quantization, speculative decoding, early exit, distillation, pruning on one trained model",
         "",
         f"`python -m benchmarks.inference_toolbox --workdir={args.workdir} --steps={args.steps} "
-        f"--draft_steps={args.draft_steps}` on {platform.machine()} CPU ({os.cpu_count()} cores, shared with "
+        f"--draft_steps={args.draft_steps} --finetune_steps={args.finetune_steps} --repeats={args.repeats}` on {platform.machine()} CPU ({os.cpu_count()} cores, shared with "
         f"other jobs: load average {os.getloadavg()[0]:.1f} at the end), jax {jax.__version__}, float32 "
         f"compute. Target: configs/gpt_small.py shape ({param_count(setup.config.model):,} params) trained "
         f"{args.steps} steps of 16 x 128 tokens on `pystdlib`; draft: 1 layer, d=64 "
@@ -319,6 +319,7 @@ def compression_report(args, rows, draft_figures, c, seconds) -> str:
         """Tokens per second of the timed call `key`, whose last element is its batch size."""
         return key[-1] * new / seconds[key]
     lines = [
+        "",
         "## Early exit",
         "",
         f"The target's shape trained {args.steps} steps with exits after layers {', '.join(map(str, EXITS))} of "
@@ -346,7 +347,10 @@ def compression_report(args, rows, draft_figures, c, seconds) -> str:
     lines += [
         "",
         "A batch skips a layer's attention and MLP only when all of its rows have left (each row's tokens do not "
-        "depend on its neighbours), so batch 16 gains less than batch 1.",
+        "depend on its neighbours), so batch 16 gains less than batch 1. Each exit also costs a pass through "
+        "the LM head, and here the head (d x vocab) is larger than a block (12 d^2): with three exits a token "
+        "that never leaves pays more than a block per exit, so on this model early exit only pays when most "
+        "tokens leave at the first exits, which a model this briefly trained is not confident enough to do.",
         "",
         "## Distillation",
         "",
