@@ -1,4 +1,5 @@
-"""What int8 / int4 weights and speculative decoding buy and cost, side by side on one trained model.
+"""What int8 / int4 weights, speculative decoding, early exit, distillation and pruning buy and cost,
+side by side on one trained model.
 
     python -m benchmarks.inference_toolbox --workdir=runs/toolbox   (from the repo root)
 
@@ -7,7 +8,11 @@ embedded corpus with the same tokenizer, then measures on the same fixed validat
 same prompts: validation loss and bits/byte, parameter bytes, greedy decode tokens/s at batch 1 and
 16 for float, int8 and int4 weights; speculative decoding's acceptance rate alpha, target forward
 passes per token, tokens per verify pass expected from alpha against measured, and wall-clock
-speedup over the target alone. Timings exclude compilation (best of --repeats).
+speedup over the target alone; early exit (the target's shape trained with exit losses): each exit's
+loss, loss against mean layers used per threshold, decode speed and exit rate; distillation (a student
+of the draft's shape trained on the target's soft targets, against the draft trained on the same
+tokens alone); pruning (magnitude, Wanda, 2:4, heads) one-shot across sparsities and after a short
+recovery fine-tune. Timings exclude compilation (best of --repeats).
 Writes benchmarks/results/inference_toolbox.md.
 """
 
@@ -24,11 +29,13 @@ import jax
 from lmjax import cli
 from lmjax import config as config_lib
 from lmjax.infer import quantization as run_quant
+from lmjax.infer import early_exit as exit_decoding
 from lmjax.infer import sampling
 from lmjax.infer.speculative import speculative_generate
 from lmjax.model import generate, param_count
 from lmjax.model import quantization as quant
-from lmjax.train import trainer
+from lmjax.train import pruning, trainer, validation
+from lmjax.train import step as step_lib
 from lmjax.train import workdir as workdir_lib
 
 PROMPTS = ["def ", "import os\n", "class ", "    for i in range(", "# Copyright", "if __name__ ==",
@@ -52,6 +59,35 @@ def run_configs(steps: int, draft_steps: int):
     return target, draft
 
 
+EXITS = (1, 2, 3)
+THRESHOLDS = (0.9, 0.6, 0.3)
+PRUNE_ONE_SHOT = (("magnitude", 0.25), ("magnitude", 0.5), ("magnitude", 0.75), ("wanda", 0.25), ("wanda", 0.5),
+                  ("wanda", 0.75), ("2:4", 0.5), ("heads", 0.25), ("heads", 0.5))
+PRUNE_FINETUNED = (("wanda", 0.5), ("2:4", 0.5))
+
+
+def compression_configs(args, target, draft, workdir: str) -> dict:
+    """The runs early exit, distillation and pruning train: {name: (config, workdir)}."""
+    runs = {}
+    early = target.copy_and_resolve_references()
+    early.name = "gpt_small_early_exit"
+    early.train.early_exit_layers = EXITS
+    runs["early_exit"] = (early, os.path.join(workdir, "early_exit"))
+    student = draft.copy_and_resolve_references()
+    student.name = "gpt_small_student"
+    student.distill.update(teacher_workdir=os.path.join(workdir, "target"), temperature=args.distill_temperature,
+                           alpha=args.distill_alpha)
+    runs["student"] = (student, os.path.join(workdir, "student"))
+    for method, sparsity in PRUNE_FINETUNED:
+        tuned = target.copy_and_resolve_references()
+        tuned.name = f"gpt_small_pruned_{method}"
+        tuned.prune.update(from_workdir=os.path.join(workdir, "target"), method=method, sparsity=sparsity)
+        tuned.train.steps = tuned.checkpoint.every_steps = tuned.eval.every_steps = args.finetune_steps
+        tuned.optim.update(lr=args.finetune_lr, warmup_steps=max(1, args.finetune_steps // 10))
+        runs[f"pruned_{method}"] = (tuned, os.path.join(workdir, f"pruned_{method.replace(':', 'of')}"))
+    return runs
+
+
 def race(fns: dict, repeats: int) -> dict:
     """Best wall-clock seconds of each function, compiled first, then timed in turns: on a shared
     machine a load swing then hits every variant alike instead of whichever ran during it."""
@@ -69,8 +105,9 @@ def race(fns: dict, repeats: int) -> dict:
 def measure(args: argparse.Namespace) -> str:
     target_config, draft_config = run_configs(args.steps, args.draft_steps)
     target_dir, draft_dir = os.path.join(args.workdir, "target"), os.path.join(args.workdir, "draft")
+    runs = compression_configs(args, target_config, draft_config, args.workdir)
     start = time.perf_counter()
-    for config, workdir in ((target_config, target_dir), (draft_config, draft_dir)):
+    for config, workdir in ((target_config, target_dir), (draft_config, draft_dir), *runs.values()):
         trainer.train(config, workdir)
     train_s = time.perf_counter() - start
 
@@ -92,7 +129,8 @@ def measure(args: argparse.Namespace) -> str:
             mode_cfg = quant.with_quantization(target_cfg, mode)
         figures = run_quant.evaluate_params(setup, mode_params, mode_cfg)
         name = "float32" if mode == "none" else mode
-        rows.append({"mode": name, "bytes": quant.param_bytes(mode_params), **figures})
+        rows.append({"mode": name, "bytes": quant.param_bytes(mode_params), **figures,
+                     "nonzero": nonzero_params(params)})
         for batch in (1, 16):
             timed[(name, batch)] = functools.partial(
                 generate, mode_cfg, mode_params, prompts[:batch], new, temperature=0
@@ -114,23 +152,25 @@ def measure(args: argparse.Namespace) -> str:
                               "one_row": speculate(one)[1],
                               "same_as_target": (out == target_greedy) if temperature == 0 else None})
 
+    compressed = measure_compression(args, setup, params, runs, prompts, timed)
     seconds = race(timed, args.repeats)
     for r in rows:
         r["tok_s_1"], r["tok_s_16"] = new / seconds[(r["mode"], 1)], 16 * new / seconds[(r["mode"], 16)]
     for r in spec_rows:
         r["seconds"] = seconds[(r["temperature"], r["gamma"])]
     draft_figures = run_quant.evaluate_params(draft_setup, draft_params, draft_cfg)
-    return report(args, setup, draft_setup, rows, draft_figures, spec_rows, seconds[("float32", 1)],
+    text = report(args, setup, draft_setup, rows, draft_figures, spec_rows, seconds[("float32", 1)],
                   seconds["draft"], train_s)
+    return text + compression_report(args, rows, draft_figures, compressed, seconds)
 
 
 def report(args, setup, draft_setup, rows, draft_figures, spec_rows, target_s, draft_s, train_s) -> str:
     new = args.new_tokens
     lines = [
-        "# Inference toolbox: quantized weights and speculative decoding on one trained model",
+        "# Inference toolbox: quantization, speculative decoding, early exit, distillation, pruning on one trained model",
         "",
         f"`python -m benchmarks.inference_toolbox --workdir={args.workdir} --steps={args.steps} "
-        f"--draft_steps={args.draft_steps}` on {platform.machine()} CPU ({os.cpu_count()} cores, shared with "
+        f"--draft_steps={args.draft_steps} --finetune_steps={args.finetune_steps} --repeats={args.repeats}` on {platform.machine()} CPU ({os.cpu_count()} cores, shared with "
         f"other jobs: load average {os.getloadavg()[0]:.1f} at the end), jax {jax.__version__}, float32 "
         f"compute. Target: configs/gpt_small.py shape ({param_count(setup.config.model):,} params) trained "
         f"{args.steps} steps of 16 x 128 tokens on `pystdlib`; draft: 1 layer, d=64 "
@@ -215,6 +255,149 @@ def report(args, setup, draft_setup, rows, draft_figures, spec_rows, target_s, d
     return "\n".join(lines)
 
 
+def measure_compression(args, setup, params, runs, prompts, timed) -> dict:
+    """Early exit, distillation and pruning figures; adds their decode calls to `timed`."""
+    new, out = args.new_tokens, {}
+    early_config, early_dir = runs["early_exit"]
+    early_setup = workdir_lib.Setup(early_config, early_dir)
+    early_params = early_setup.restore(read_only=True).state.params
+    out["exits"] = exit_decoding.evaluate_exits(early_setup, early_params, EXITS, THRESHOLDS)
+    early_cfg = early_setup.config.model
+    out["exit_stats"] = {}
+    for t in THRESHOLDS:
+        for batch in (1, 16):
+            timed[("exit", t, batch)] = functools.partial(
+                exit_decoding.generate, early_cfg, early_params, prompts[:batch], new, EXITS, t)
+        out["exit_stats"][t] = exit_decoding.generate(early_cfg, early_params, prompts, new, EXITS, t)[1]
+    for batch in (1, 16):
+        timed[("early_full", batch)] = functools.partial(generate, early_cfg, early_params, prompts[:batch], new,
+                                                         temperature=0)
+
+    student_config, student_dir = runs["student"]
+    student_setup = workdir_lib.Setup(student_config, student_dir)
+    student_params = student_setup.restore(read_only=True).state.params
+    out["student"] = run_quant.evaluate_params(student_setup, student_params, student_setup.config.model)
+    for batch in (1, 16):
+        timed[("student", batch)] = functools.partial(generate, student_setup.config.model, student_params,
+                                                      prompts[:batch], new, temperature=0)
+
+    eval_step = step_lib.make_eval_step(setup.config, setup.model, setup.mesh, setup.state_shardings)
+    val_set = validation.ValidationSet(setup.config, setup.tokenizer)
+
+    def val_loss(p):
+        return validation.evaluate_params(eval_step, p, val_set, setup.mesh, setup.rules)["val_loss"]
+
+    out["one_shot"] = []
+    for method, sparsity in PRUNE_ONE_SHOT:
+        config = setup.config.copy_and_resolve_references()
+        config.prune.update(method=method, sparsity=sparsity)
+        pruned, _ = pruning.prune(config, setup.model, params, setup.tokenizer)
+        out["one_shot"].append({"method": method, "sparsity": sparsity, "val_loss": val_loss(pruned),
+                                "zeros": pruning.sparsity_of(pruned), "nonzero": nonzero_params(pruned)})
+        if (method, sparsity) == PRUNE_FINETUNED[0]:
+            for batch in (1, 16):
+                timed[("pruned", batch)] = functools.partial(generate, setup.config.model, pruned, prompts[:batch],
+                                                             new, temperature=0)
+    out["finetuned"] = []
+    for method, sparsity in PRUNE_FINETUNED:
+        config, workdir = runs[f"pruned_{method}"]
+        tuned = workdir_lib.Setup(config, workdir).restore(read_only=True).state.params
+        out["finetuned"].append({"method": method, "sparsity": sparsity, "val_loss": val_loss(tuned),
+                                 "zeros": pruning.sparsity_of(tuned), "nonzero": nonzero_params(tuned)})
+    return out
+
+
+def nonzero_params(params) -> int:
+    return int(sum(int(jax.numpy.count_nonzero(leaf)) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def compression_report(args, rows, draft_figures, c, seconds) -> str:
+    new, base = args.new_tokens, rows[0]
+    exit_loss, full_layers = c["exits"]["exit_loss"], max(c["exits"]["exit_loss"])
+
+    def tok_s(*key) -> float:
+        """Tokens per second of the timed call `key`, whose last element is its batch size."""
+        return key[-1] * new / seconds[key]
+    lines = [
+        "",
+        "## Early exit",
+        "",
+        f"The target's shape trained {args.steps} steps with exits after layers {', '.join(map(str, EXITS))} of "
+        f"{full_layers} (`--config.train.early_exit_layers={EXITS}`, LayerSkip-style depth weights, scale 1). Each "
+        "exit's validation loss, the full model's against the target trained without exit losses:",
+        "",
+        "| exit after layer | " + " | ".join(str(l) for l in exit_loss) + " | target (no exit loss) |",
+        "|---|" + "---|" * (len(exit_loss) + 1),
+        "| val loss | " + " | ".join(f"{v:.4f}" for v in exit_loss.values()) + f" | {base['val_loss']:.4f} |",
+        "",
+        "Decoding with exits: a token leaves at the first exit whose top probability exceeds the threshold; "
+        "the layers it skips get keys/values projected from the exit's hidden state. Val loss: the same rule "
+        "teacher-forced on the validation sample (every position's context from the full model). Layers used "
+        f"and exit rate: over {len(PROMPTS)} prompts x {new} greedy tokens. Speed: greedy decode, as above.",
+        "",
+        "| threshold | val loss (rule) | mean layers (val) | mean layers (decode) | exit rate | tok/s batch 1 | batch 16 |",
+        "|---|---|---|---|---|---|---|",
+        f"| full model | {exit_loss[full_layers]:.4f} | {full_layers} | {full_layers} | 0 | "
+        f"{tok_s('early_full', 1):,.0f} | {tok_s('early_full', 16):,.0f} |",
+    ]
+    for t, (loss, layers) in c["exits"]["threshold"].items():
+        stats = c["exit_stats"][t]
+        lines.append(f"| {t:g} | {loss:.4f} | {layers:.2f} | {stats.mean_layers:.2f} | {stats.exit_rate:.2f} | "
+                     f"{tok_s('exit', t, 1):,.0f} | {tok_s('exit', t, 16):,.0f} |")
+    lines += [
+        "",
+        "A batch skips a layer's attention and MLP only when all of its rows have left (each row's tokens do not "
+        "depend on its neighbours), so batch 16 gains less than batch 1. Each exit also costs a pass through "
+        "the LM head, and here the head (d x vocab) is larger than a block (12 d^2): with three exits a token "
+        "that never leaves pays more than a block per exit, so on this model early exit only pays when most "
+        "tokens leave at the first exits, which a model this briefly trained is not confident enough to do.",
+        "",
+        "## Distillation",
+        "",
+        f"A student of the draft's shape (1 layer, d=64) trained {args.draft_steps} steps on the target's soft "
+        f"targets (`--config.distill.teacher_workdir=... --config.distill.temperature={args.distill_temperature:g} "
+        f"--config.distill.alpha={args.distill_alpha:g}`, forward KL), against the same model trained on the same "
+        "tokens without a teacher (the draft above):",
+        "",
+        "| model | val loss | bits/byte | tok/s batch 1 | batch 16 |",
+        "|---|---|---|---|---|",
+        f"| target (teacher) | {base['val_loss']:.4f} | {base['val_bpb']:.4f} | {base['tok_s_1']:,.0f} | {base['tok_s_16']:,.0f} |",
+        f"| student, no teacher (draft) | {draft_figures['val_loss']:.4f} | {draft_figures['val_bpb']:.4f} | | |",
+        f"| student, distilled | {c['student']['val_loss']:.4f} | {c['student']['val_bpb']:.4f} | "
+        f"{tok_s('student', 1):,.0f} | {tok_s('student', 16):,.0f} |",
+        "",
+        "## Pruning",
+        "",
+        "Zeros in every block's attention and MLP kernels (embeddings, norms, biases kept). One-shot: the "
+        f"target's weights pruned, no retraining. Fine-tuned: then {args.finetune_steps} steps (lr "
+        f"{args.finetune_lr:g}) through the trainer with the mask fixed (`--config.prune.from_workdir=...`).",
+        "",
+        "| method | sparsity setting | zeros in block kernels | nonzero params | val loss, one-shot | after fine-tune |",
+        "|---|---|---|---|---|---|",
+        f"| dense | 0 | 0 | {base['nonzero']:,} | {base['val_loss']:.4f} | |",
+    ]
+    tuned = {(r["method"], r["sparsity"]): r for r in c["finetuned"]}
+    for r in c["one_shot"]:
+        after = tuned.get((r["method"], r["sparsity"]))
+        setting = f"{r['sparsity']:g} of heads" if r["method"] == "heads" else f"{r['sparsity']:g}"
+        lines.append(f"| {r['method']} | {setting} | {r['zeros']:.3f} | {r['nonzero']:,} | {r['val_loss']:.4f} | "
+                     + (f"{after['val_loss']:.4f} |" if after else "|"))
+    method, sparsity = PRUNE_FINETUNED[0]
+    lines += [
+        "",
+        "The fine-tuned rows have trained more steps than the dense target: they show what the mask "
+        "costs once the remaining weights adapt, not a comparison at equal compute.",
+        "",
+        f"Decode speed of the {method} {sparsity:g} weights: {tok_s('pruned', 1):,.0f} tok/s at batch 1, "
+        f"{tok_s('pruned', 16):,.0f} at batch 16 (float32: {base['tok_s_1']:,.0f} and {base['tok_s_16']:,.0f}): "
+        "the zeros sit in dense matrices, and XLA's CPU matmuls do not skip them. Turning sparsity into speed "
+        "needs sparse kernels (2:4 on GPUs with sparse tensor cores) or, for heads, slicing them out of the "
+        "weights; neither is done here.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/toolbox")
@@ -223,6 +406,10 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--gammas", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--finetune_steps", type=int, default=50, help="recovery fine-tune of pruned weights")
+    parser.add_argument("--finetune_lr", type=float, default=5e-4)
+    parser.add_argument("--distill_temperature", type=float, default=2.0)
+    parser.add_argument("--distill_alpha", type=float, default=0.5)
     parser.add_argument("--out", default="benchmarks/results/inference_toolbox.md")
     args = parser.parse_args()
 

@@ -137,6 +137,10 @@ def default_config() -> config_dict.ConfigDict:
     t.scheduled_sampling_k = 1000.0  # the schedule's k: linear: steps to reach 1; exponential: k^i (< 1); inverse_sigmoid: k
     t.scheduled_sampling_max = 0.25  # cap on the replacement probability
     t.log_every = 10  # steps between metric lines
+    # Early exits (lmjax/model/early_exit.py): layer counts after which the final norm and head also
+    # predict, trained by a LayerSkip-style depth-weighted sum of their losses; () is off.
+    t.early_exit_layers = ()
+    t.early_exit_scale = 1.0  # weight of the exits against the last layer (0: the plain loss)
 
     o = c.optim = config_dict.ConfigDict()
     o.name = "adamw"  # adamw | adafactor | lion | sgd
@@ -157,6 +161,18 @@ def default_config() -> config_dict.ConfigDict:
     o.b2 = 0.95  # Adam/Lion beta2 (Adafactor's second moment follows its own 1 - t^-0.8)
     o.eps = 1e-8  # Adam epsilon (Adafactor adds its own 1e-30 to squared gradients)
     o.clip = 1.0  # global-norm gradient clipping; 0 disables
+
+    ds = c.distill = config_dict.ConfigDict()  # knowledge distillation (lmjax/train/distill.py)
+    ds.teacher_workdir = placeholder(str)  # a trained run whose newest checkpoint teaches; None: off
+    ds.temperature = 2.0  # softmax temperature of both distributions in the KL
+    ds.alpha = 0.5  # weight of the soft (KL) loss; 1 - alpha weighs the token cross-entropy
+    ds.reverse_kl = 0.0  # share of KL(student || teacher) in the KL; the rest is KL(teacher || student)
+
+    pr = c.prune = config_dict.ConfigDict()  # pruning and its recovery fine-tune (lmjax/train/pruning.py)
+    pr.from_workdir = placeholder(str)  # a trained run to prune and fine-tune with a fixed mask; None: off
+    pr.method = "magnitude"  # magnitude | wanda | 2:4 | heads
+    pr.sparsity = 0.5  # share of each matrix's weights (heads: of each layer's heads) set to zero
+    pr.calibration_batches = 4  # wanda: training batches whose activations weigh |W|
 
     mesh = c.mesh = config_dict.ConfigDict()
     mesh.data = -1  # data-parallel axis size; -1 takes the remaining devices
@@ -260,6 +276,7 @@ AT_LEAST_ONE = (
 AT_LEAST_ZERO = (
     "optim.lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip", "train.z_loss",
     "eval.num_samples", "eval.sample_tokens", "eval.sample_temperature", "data.grain_workers",
+    "train.early_exit_scale",
 )
 
 

@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lmjax import cli
-from lmjax.infer import quantization, sampling, speculative
+from lmjax.infer import early_exit, quantization, sampling, speculative
 from lmjax.train import trainer, validation
 from lmjax.train import workdir as workdir_lib
 
@@ -38,6 +38,9 @@ _DRAFT_CONFIG = config_flags.DEFINE_config_file(
     "draft_config", None, "generate: the draft model's preset, for speculative decoding.", lock_config=True)
 _DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "generate: the draft model's run (same tokenizer).")
 _GAMMA = flags.DEFINE_integer("gamma", 4, "generate with a draft: tokens the draft proposes per target pass.")
+_EXIT_THRESHOLD = flags.DEFINE_float(
+    "exit_threshold", None, "generate: leave at the first early exit (config.train.early_exit_layers) whose top "
+    "probability exceeds this; >= 1 never leaves.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -66,6 +69,16 @@ def _run() -> None:
             result = quantization.evaluate(config, workdir, _QUANTIZE.value)
         print(f"step {result['step']}: val loss {result['val_loss']:.4f} | val ppl {result['val_ppl']:.2f} "
               f"| {result['val_bpb']:.4f} bits/byte | {result['val_tokens']:,} tokens")
+    elif _EXIT_THRESHOLD.value is not None:  # generate, leaving at early exits
+        if _DRAFT_WORKDIR.value or _QUANTIZE.value != "none":
+            raise ValueError("--exit_threshold runs the float model alone (no --draft_workdir, no --quantize)")
+        prompts = _prompts()
+        texts, stats = early_exit.generate_text(
+            config, workdir, prompts, _MAX_NEW_TOKENS.value, _EXIT_THRESHOLD.value, temperature=_TEMPERATURE.value,
+            top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+        _print_texts(prompts, texts)
+        print(f"early exit at {_EXIT_THRESHOLD.value:g}: {stats.exit_rate:.1%} of tokens left early, "
+              f"{stats.mean_layers:.2f} of {stats.num_layers} layers per token on average")
     elif _DRAFT_WORKDIR.value:  # generate, speculatively
         if _DRAFT_CONFIG.value is None or _QUANTIZE.value != "none":
             raise ValueError("--draft_workdir needs --draft_config, and runs float weights (no --quantize)")

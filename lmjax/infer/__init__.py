@@ -5,6 +5,7 @@
   speculative.py  a draft model proposes, the target verifies several tokens per pass (same distribution)
   quantization.py a run's weights in int8 / int4 (lmjax.model.quantization), saved with it, for
                   generate and eval (`--quantize`)
+  early_exit.py   decoding that leaves at the first confident early exit (`--exit_threshold`)
 """
 
 from lmjax.infer.sampling import generate_text, sample_texts

@@ -11,7 +11,7 @@ Shape letters used in tensor names throughout this package (`x_BxLxD`, `logits_B
 
 Files: positions.py (learned, sinusoidal, RoPE, ALiBi), attention.py, mlp.py, norms.py,
 transformer.py (blocks, remat, scan, LM head), decoding.py (KV cache, sampling),
-quantization.py (int8 / int4 weights through qwix),
+quantization.py (int8 / int4 weights through qwix), early_exit.py (exits through the shared head),
 accounting.py (parameter and FLOP counts).
 """
 

@@ -16,6 +16,8 @@ The loop (import the modules themselves, e.g. `from lmjax.train import trainer`)
   metrics.py       metrics.jsonl, TensorBoard, summary.json, the console line
   preemption.py    SIGTERM and the multi-host preemption sync point
   wsd.py           WSD decay points: shorter token budgets reported by one run
+  distill.py       knowledge distillation from a teacher run's logits (`distill.teacher_workdir`)
+  pruning.py       magnitude / Wanda / 2:4 / head masks, fine-tuned with the mask fixed (`prune.from_workdir`)
 """
 
 from lmjax.train.loss import cross_entropy_sums, safe_mean

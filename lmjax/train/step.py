@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from lmjax import sharding
 from lmjax.model import moe as moe_lib
+from lmjax.model import early_exit
 from lmjax.train import scheduled_sampling
 from lmjax.train.loss import cross_entropy_sums, safe_mean
 from lmjax.train.optimizer import decay_mask, make_optimizer
@@ -116,11 +117,17 @@ def lm_loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
     pairwise losses) has the same form, and may add sums of its own (see make_train_step).
     A MoE model's router losses (means over its layers) enter the objective weighted by the batch's
     token weight, so that dividing by the total weight leaves them as configured; they and the
-    per-expert load come back as `moe_<stat>_sum`, hence the metrics `moe_<stat>`."""
+    per-expert load come back as `moe_<stat>_sum`, hence the metrics `moe_<stat>`.
+    With `train.early_exit_layers`, the objective is lmjax.model.early_exit's weighted sum over exits."""
     z_weight = float(config.train.z_loss)
     moe = moe_lib.enabled(config.model)
     deterministic = float(config.model.dropout) == 0.0
     sampling = config.train.scheduled_sampling != "none"
+    exits = early_exit.check_exits(config.model, config.train.early_exit_layers)
+    if exits and moe:
+        raise ValueError("config.train.early_exit_layers does not support a Mixture-of-Experts model (model.moe)")
+    num_layers = int(config.model.num_layers)
+    exit_weights = early_exit.exit_weights(num_layers, exits, float(config.train.early_exit_scale))
 
     def loss_sums(params: Any, batch: dict[str, jax.Array], dropout_key: jax.Array, step: jax.Array):
         inputs = batch["inputs"]
@@ -130,15 +137,12 @@ def lm_loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
             probability = scheduled_sampling.replace_probability(config.train, step)
             inputs = scheduled_sampling.mix_inputs(inputs, jnp.argmax(guess_logits_BxLxV, axis=-1), batch["weights"],
                                                    probability, jax.random.fold_in(dropout_key, 1))
-        logits_BxLxV = model.apply(
-            {"params": params},
-            inputs,
-            positions=batch.get("positions"),
-            segment_ids=batch.get("segment_ids"),
-            deterministic=deterministic,
-            rngs={"dropout": dropout_key},
-            mutable=[moe_lib.COLLECTION] if moe else False,
-        )
+        forward = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                       deterministic=deterministic, rngs={"dropout": dropout_key})
+        if exits:
+            return _early_exit_sums(params, inputs, batch, forward)
+        logits_BxLxV = model.apply({"params": params}, inputs, **forward,
+                                   mutable=[moe_lib.COLLECTION] if moe else False)
         if moe:
             logits_BxLxV, sown = logits_BxLxV
             router_stats = moe_lib.layer_means(sown[moe_lib.COLLECTION])
@@ -148,6 +152,18 @@ def lm_loss_sums_fn(config: Any, model: nn.Module) -> Callable[..., Any]:
         if moe:
             objective = objective + weight_sum * moe_lib.aux_loss(config.model.moe, router_stats)
             sums.update({f"moe_{name}_sum": weight_sum * value for name, value in router_stats.items()})
+        return objective, sums
+
+    def _early_exit_sums(params: Any, inputs: jax.Array, batch: dict[str, jax.Array], forward: dict):
+        """The weighted sum of every exit's loss; `loss` stays the full model's, each exit is a metric."""
+        logits = early_exit.exit_logits(model, params, inputs, exits, **forward)
+        loss_sum, weight_sum, z_sum = cross_entropy_sums(logits.pop(num_layers), batch["targets"], batch["weights"])
+        objective = exit_weights[num_layers] * loss_sum + z_weight * z_sum
+        sums = {"loss_sum": loss_sum, "weight_sum": weight_sum, "z_sum": z_weight * z_sum}
+        for layers, logits_BxLxV in logits.items():
+            exit_sum, _, _ = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"])
+            objective = objective + exit_weights[layers] * exit_sum
+            sums[f"exit{layers}_loss_sum"] = exit_sum
         return objective, sums
 
     return loss_sums

@@ -22,7 +22,7 @@ from ml_collections import config_dict
 from lmjax import cli, data, hardware, model, sharding
 from lmjax import config as config_lib
 from lmjax.infer import sampling
-from lmjax.train import checkpointing, metrics, preemption, validation, wsd
+from lmjax.train import checkpointing, distill, metrics, preemption, pruning, validation, wsd
 from lmjax.train import step as step_lib
 from lmjax.train.mfu import mfu
 from lmjax.train.workdir import Setup
@@ -88,7 +88,13 @@ class Trainer:
                                              seed=config.train.seed, rows=setup.batch_rows(config.train.batch_size))
         self.val_set = validation.validation_set(
             config, setup.tokenizer, setup.batch_rows(validation.eval_batch_size(config)))
-        self.train_step = step_lib.make_train_step(config, setup.model, setup.mesh, setup.state_shardings)
+        self.pruned = pruning.pruned_start(setup)  # (params, masks) when fine-tuning a pruned run
+        loss_sums_fn = distill.trainer_loss_sums_fn(setup)
+        if self.pruned:
+            loss_sums_fn = pruning.masked_loss_sums_fn(
+                loss_sums_fn or step_lib.lm_loss_sums_fn(config, setup.model), self.pruned[1])
+        self.train_step = step_lib.make_train_step(config, setup.model, setup.mesh, setup.state_shardings,
+                                                   loss_sums_fn)
         self.eval_step = step_lib.make_eval_step(config, setup.model, setup.mesh, setup.state_shardings)
         self.throughput = Throughput()
         self.last_log: dict = {}
@@ -148,7 +154,11 @@ class Trainer:
         """(state, step, wall time of earlier sessions) from the newest good checkpoint, or a fresh state."""
         restored = self.setup.restore(read_only=False)
         if restored is None:
-            state, _ = step_lib.create_train_state(self.config, self.setup.model, self.setup.mesh)
+            state, shardings = step_lib.create_train_state(self.config, self.setup.model, self.setup.mesh)
+            if self.pruned:
+                state = state.replace(params=jax.device_put(self.pruned[0], shardings.params))
+                print(f"fine-tuning {self.config.prune.from_workdir} pruned by {self.config.prune.method}: "
+                      f"{pruning.sparsity_of(state.params):.1%} of the block weights are zero", flush=True)
             return state, 0, 0.0
         self.train_data.set_state(restored.data_state["pipeline"])
         print(f"resumed from checkpoint step {restored.step} in {self.workdir}", flush=True)
