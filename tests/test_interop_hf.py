@@ -373,3 +373,22 @@ def test_half_precision_weights_are_read_exactly_as_float32(sources, tmp_path):
         read = hub_files.read_tensors(directory, gpt2, GPT2_CONFIG, expected)
         for name, t in half.items():
             assert read[name].dtype == np.float32 and np.array_equal(read[name], t.astype(np.float32)), name
+
+
+def test_gpt2_imports_with_gpt2s_own_tokenizer(tmp_path, monkeypatch):
+    """A GPT-2 of the real vocabulary gets data.tokenizer=gpt2 on `auto`: "Hello world" is [15496, 995]
+    and the imported logits over those ids equal transformers' (the padding rows are never a token)."""
+    from lmjax import data
+
+    config = dict(GPT2_CONFIG, vocab_size=50257, n_layer=1)
+    source = write_hf_dir(str(tmp_path / "gpt2"), config, gpt2_tensors(config, np.random.default_rng(2)))
+    run_config = hf.import_checkpoint(source, str(tmp_path / "run"))
+    assert run_config.data.tokenizer == "gpt2"
+    tokens = data.build_tokenizer(run_config.data).encode("Hello world")
+    assert tokens == [15496, 995]
+    tokens_BxL = np.array([tokens + [50256]], np.int32)
+    expected = transformers_logits("gpt2", source, tokens_BxL, monkeypatch)
+    saved, params = restored_params(str(tmp_path / "run"))
+    logits = np.asarray(jax.jit(Transformer(saved.model).apply)({"params": params}, tokens_BxL))
+    np.testing.assert_allclose(logits[..., :50257], expected, atol=1e-4, rtol=0)
+    assert (logits[..., 50257:] < -1e8).all()  # padding up to a multiple of the vocabulary's rows

@@ -375,16 +375,10 @@ def describe(data_cfg) -> dict:
     kind, _, arg = data_cfg.source.partition(":")
     if kind == "pystdlib":
         out.update(describe_pystdlib())
-    elif kind == "store":
+    elif kind in ("store", "prepared"):  # the source it was made from, when its description is readable
         try:
-            with open(os.path.join(os.path.expanduser(arg), "index.json")) as f:
-                out["store_from"] = json.load(f)["source"]
-        except (FileNotFoundError, KeyError, ValueError):
-            pass
-    elif kind == "prepared":
-        try:
-            with open(os.path.join(os.path.expanduser(arg), "meta.json")) as f:
-                out["prepared_from"] = json.load(f)["source"]
+            with open(os.path.join(os.path.expanduser(arg), "index.json" if kind == "store" else "meta.json")) as f:
+                out[f"{kind}_from"] = json.load(f)["source"]
         except (FileNotFoundError, KeyError, ValueError):
             pass
     return out
