@@ -28,6 +28,7 @@ from lmjax.evals import (
     split_tokens,
 )
 from lmjax.evals.scoring import edit_distance
+from lmjax.model import quantization as quant_lib
 from lmjax.train import checkpointing
 from lmjax.train import step as step_lib
 from lmjax.train import workdir as workdir_lib
@@ -317,6 +318,17 @@ def test_evaluate_every_checkpoint_of_a_run_writes_one_json_per_step(tmp_path, c
     assert direct == pytest.approx(results[10]["mc"]["0"], rel=1e-6)
     table = harness.format_table(results)
     assert table.count("\n") == 1 + 4 and "mc_norm" in table
+
+    # --quantize=int8: the newest checkpoint's weights quantized once (kept beside the checkpoints),
+    # scored as the float model scores the dequantized weights, results in evals/int8/.
+    quantized = harness.evaluate_workdir(None, workdir, [task], [0], quantize="int8")
+    assert (tmp_path / "run" / "evals" / "int8" / "20.json").is_file()
+    assert (tmp_path / "run" / "quantized" / "int8" / "20").is_dir()
+    qscorer = harness.open_scorer(workdir, quantize="int8")
+    dequantized = quant_lib.dequantize_params(qscorer.params)
+    float_of_int8 = harness.evaluate_task(Scorer(cfg, dequantized, setup.tokenizer, batch_size=8), load_tasks(task)[0], 0)
+    assert quantized[20]["mc"]["0"] == pytest.approx(float_of_int8, rel=1e-5)
+    assert quantized[20]["mc"]["0"]["target_logprob"] != results[20]["mc"]["0"]["target_logprob"]
 
 
 def test_induction_score_is_late_minus_early_loss_on_repeated_halves(cfg, params, tokenizer):

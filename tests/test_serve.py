@@ -19,8 +19,9 @@ import pytest
 import uvicorn
 
 from lmjax import config as config_lib
-from lmjax.infer import sampling
+from lmjax.infer import quantization, sampling
 from lmjax.model import Transformer, decoding
+from lmjax.model import quantization as quant_lib
 from lmjax.serve import app as app_lib
 from lmjax.serve import engine as engine_lib
 from lmjax.serve import sampler, text
@@ -131,6 +132,25 @@ def test_greedy_completions_equal_generate_mode(run, served):
     ids = [sampling.prompt_ids(tokenizer, p) for p in prompts]
     assert result["usage"]["prompt_tokens"] == sum(len(i) for i in ids)
     assert result["usage"]["total_tokens"] == result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+
+
+def test_quantized_server_decodes_like_generate_with_the_same_weights(served):
+    """--quantize=int8: the int8 weights kept beside the checkpoint, decoded like `generate --quantize`."""
+    running = Running(app_lib.app_from_workdir(served.workdir, max_slots=2, max_queue=4, warm_every_bucket=False,
+                                               quantize="int8"))
+    try:
+        server = running.app.state.server
+        config = workdir_lib.saved_config(served.workdir)
+        qparams = quantization.restore(quantization.quantized_dir(served.workdir, 1, "int8", quant_lib.DEFAULT_GROUP),
+                                       config.model, "int8")
+        expected = sampling.sample_texts(config, qparams, server.tokenizer, ["def "], 16, temperature=0.0,
+                                         model_config=quant_lib.with_quantization(config.model, "int8"))
+        result = complete(running, prompt="def ", max_tokens=16, temperature=0)
+        assert [c["text"] for c in result["choices"]] == expected
+        served_bytes = quant_lib.param_bytes(server.engine.params)
+        assert served_bytes == quant_lib.param_bytes(qparams) < 0.6 * quant_lib.param_bytes(served.engine.params)
+    finally:
+        running.stop()
 
 
 def test_echo_logprobs_equal_the_full_forward(run, served):

@@ -29,6 +29,8 @@ _ALL = flags.DEFINE_bool("all_checkpoints", False, "Evaluate every checkpoint of
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N examples of each task.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the demonstrations' choice and of the choices' order.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Rows per scoring batch.")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4"],
+                              "--tasks, --lm_eval_tasks: weight-only quantization of the checkpoints (qwix).")
 _LM_EVAL = flags.DEFINE_list("lm_eval_tasks", [], "lm-evaluation-harness task names (needs `pip install lm_eval`).")
 _LM_EVAL_INCLUDE = flags.DEFINE_string("lm_eval_include", None, "A folder of extra lm-evaluation-harness task YAMLs.")
 flags.mark_flags_as_required(["workdir"])
@@ -44,11 +46,11 @@ def _run() -> None:
     if _TASKS.value:
         results = harness.evaluate_workdir(
             _CONFIG.value, _WORKDIR.value, _TASKS.value, shots, all_checkpoints=_ALL.value, seed=_SEED.value,
-            limit=_LIMIT.value, batch_size=_BATCH.value,
+            limit=_LIMIT.value, batch_size=_BATCH.value, quantize=_QUANTIZE.value,
         )
         print(harness.format_table(results))
         for step in results:
-            print(f"wrote {harness.results_path(_WORKDIR.value, step)}")
+            print(f"wrote {harness.results_path(_WORKDIR.value, step, _QUANTIZE.value)}")
     if _LM_EVAL.value:
         from lmjax.evals import eleuther
         from lm_eval.utils import make_table
@@ -56,7 +58,8 @@ def _run() -> None:
         if len(shots) > 1:
             raise ValueError(f"--lm_eval_tasks takes one --shots value, got {_SHOTS.value}")
         results = eleuther.run(_WORKDIR.value, _LM_EVAL.value, num_fewshot=shots[0] if flags.FLAGS["shots"].present else None,
-                               limit=_LIMIT.value, batch_size=_BATCH.value, include_path=_LM_EVAL_INCLUDE.value)
+                               limit=_LIMIT.value, batch_size=_BATCH.value, include_path=_LM_EVAL_INCLUDE.value,
+                               quantize=_QUANTIZE.value)
         print(make_table(results))
     if _INDUCTION.value:
         config = _CONFIG.value or harness.load_run_config(_WORKDIR.value)

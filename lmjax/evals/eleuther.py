@@ -77,10 +77,10 @@ def register() -> type:
         raise ImportError("the lm-evaluation-harness adapter needs `pip install lm_eval`") from e
 
     class LmjaxHarnessModel(LmjaxRequests, LM):
-        def __init__(self, workdir: str, batch_size: int | str = 16, **_: Any):
+        def __init__(self, workdir: str, batch_size: int | str = 16, quantize: str = "none", **_: Any):
             LM.__init__(self)
             size = 16 if str(batch_size).startswith("auto") else int(batch_size)
-            LmjaxRequests.__init__(self, harness.open_scorer(workdir, batch_size=size))
+            LmjaxRequests.__init__(self, harness.open_scorer(workdir, batch_size=size, quantize=quantize))
 
     try:
         return register_model("lmjax")(LmjaxHarnessModel)
@@ -89,14 +89,14 @@ def register() -> type:
         return get_model("lmjax")
 
 
-def harness_model(workdir: str, batch_size: int = 16) -> Any:
-    return register()(workdir, batch_size=batch_size)
+def harness_model(workdir: str, batch_size: int = 16, quantize: str = "none") -> Any:
+    return register()(workdir, batch_size=batch_size, quantize=quantize)
 
 
 def run(workdir: str, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: int | None = None,
-        batch_size: int = 16, include_path: str | None = None) -> dict:
+        batch_size: int = 16, include_path: str | None = None, quantize: str = "none") -> dict:
     """lm_eval.simple_evaluate on the newest checkpoint of `workdir`: the harness's results dict."""
-    model = harness_model(workdir, batch_size)
+    model = harness_model(workdir, batch_size, quantize)
     import lm_eval
     from lm_eval.tasks import TaskManager
 

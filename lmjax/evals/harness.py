@@ -37,6 +37,8 @@ from lmjax import fileio
 from lmjax.evals import prompts
 from lmjax.evals.scoring import Scorer, edit_distance, leading_tokens, split_tokens
 from lmjax.evals.tasks import EXACT_MATCH, GREEDY_MATCH, Task, load_tasks
+from lmjax.infer import quantization
+from lmjax.model import quantization as quant_lib
 from lmjax.train import checkpointing
 from lmjax.train import workdir as workdir_lib
 
@@ -153,13 +155,14 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def results_path(workdir: str, step: int) -> str:
-    return os.path.join(workdir, "evals", f"{step}.json")
+def results_path(workdir: str, step: int, quantize: str = "none") -> str:
+    folder = os.path.join(workdir, "evals") if quantize == "none" else os.path.join(workdir, "evals", quantize)
+    return os.path.join(folder, f"{step}.json")
 
 
-def write_results(workdir: str, step: int, results: dict, seed: int) -> str:
-    """Merge `results` into DIR/evals/<step>.json (tasks evaluated earlier are kept)."""
-    path = results_path(workdir, step)
+def write_results(workdir: str, step: int, results: dict, seed: int, quantize: str = "none") -> str:
+    """Merge `results` into DIR/evals/[<quantize>/]<step>.json (tasks evaluated earlier are kept)."""
+    path = results_path(workdir, step, quantize)
     existing = json.loads(fileio.read_text(path) or "{}")
     merged = existing.get("results", {})
     for task, by_k in results.items():
@@ -170,9 +173,12 @@ def write_results(workdir: str, step: int, results: dict, seed: int) -> str:
 
 def evaluate_workdir(config: config_dict.ConfigDict | None, workdir: str, task_paths: Sequence[str],
                      shots: Sequence[int], *, all_checkpoints: bool = False, seed: int = 0,
-                     limit: int | None = None, batch_size: int = 16) -> dict[int, dict]:
+                     limit: int | None = None, batch_size: int = 16, quantize: str = "none") -> dict[int, dict]:
     """Evaluate the newest checkpoint of `workdir` (or every one) on the tasks; writes
-    DIR/evals/<step>.json for each and returns {step: results}. `config` None: the run's own."""
+    DIR/evals/<step>.json for each (DIR/evals/<quantize>/<step>.json with quantized weights, saved
+    beside the checkpoints as `--mode=eval --quantize` saves them) and returns {step: results}.
+    `config` None: the run's own."""
+    quant_lib.check_mode(quantize)
     tasks = [task for path in task_paths for task in load_tasks(path)]  # bad task files fail first
     if any(k < 0 for k in shots):
         raise ValueError(f"--shots must be >= 0, got {list(shots)}")
@@ -186,23 +192,32 @@ def evaluate_workdir(config: config_dict.ConfigDict | None, workdir: str, task_p
     try:
         for step in steps:
             restored = newest if step == newest.step else checkpointing.restore_step(manager, step, setup.abstract_state)
-            scorer = Scorer(setup.config.model, restored.state.params, setup.tokenizer, batch_size=batch_size,
-                            mesh=setup.mesh, rules=setup.rules)
+            scorer = _scorer(setup, step, restored.state.params, quantize, batch_size)
             out[step] = evaluate(scorer, tasks, shots, seed=seed, limit=limit)
-            write_results(workdir, step, out[step], seed)
+            write_results(workdir, step, out[step], seed, quantize)
     finally:
         manager.close()
     return out
 
 
-def open_scorer(workdir: str, config: config_dict.ConfigDict | None = None, *, batch_size: int = 16) -> Scorer:
+def open_scorer(workdir: str, config: config_dict.ConfigDict | None = None, *, batch_size: int = 16,
+                quantize: str = "none") -> Scorer:
     """A scorer over the newest checkpoint of `workdir` (`config` None: the run's own)."""
+    quant_lib.check_mode(quantize)
     workdir_lib.require_checkpoint(workdir)
     config = load_run_config(workdir) if config is None else config
     setup = workdir_lib.Setup(config, workdir)
     restored = setup.restore(read_only=True)
-    return Scorer(setup.config.model, restored.state.params, setup.tokenizer, batch_size=batch_size,
-                  mesh=setup.mesh, rules=setup.rules)
+    return _scorer(setup, restored.step, restored.state.params, quantize, batch_size)
+
+
+def _scorer(setup: workdir_lib.Setup, step: int, params: Any, quantize: str, batch_size: int) -> Scorer:
+    """A scorer over checkpoint `step`'s params, weight-quantized unless `quantize` is "none"."""
+    model_cfg = setup.config.model
+    if quantize != "none":
+        params = quantization.load_or_quantize(setup, step, params, quantize)
+        model_cfg = quant_lib.with_quantization(model_cfg, quantize)
+    return Scorer(model_cfg, params, setup.tokenizer, batch_size=batch_size, mesh=setup.mesh, rules=setup.rules)
 
 
 def format_table(results_by_step: dict[int, dict]) -> str:

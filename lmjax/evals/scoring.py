@@ -30,7 +30,7 @@ from absl import logging
 from ml_collections import FrozenConfigDict
 
 from lmjax import data, model, sharding
-from lmjax.model import Transformer
+from lmjax.model import quantization as quant_lib
 
 MIN_LENGTH = 16  # the shortest padded row length (lengths are powers of two from here)
 
@@ -82,7 +82,8 @@ class Score:
 
 
 class Scorer:
-    """Log-likelihoods and greedy continuations from one model's parameters."""
+    """Log-likelihoods and greedy continuations from one model's parameters (quantized ones with a
+    config from `quant_lib.with_quantization`)."""
 
     def __init__(self, model_cfg: Any, params: Any, tokenizer: data.Tokenizer, *, batch_size: int = 16,
                  mesh: jax.sharding.Mesh | None = None, rules: sharding.Rules | None = None):
@@ -186,7 +187,7 @@ class Scorer:
 @functools.partial(jax.jit, static_argnums=0)
 def _continuation_scores(cfg, params, inputs, targets, weights):
     """(sum of weighted target log-probabilities per row, whether each target is the argmax)."""
-    logits_BxLxV = Transformer(cfg).apply({"params": params}, inputs)
+    logits_BxLxV = quant_lib.model_for(cfg).apply({"params": params}, inputs)
     logprobs_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
     target_BxL = jnp.take_along_axis(logprobs_BxLxV, targets[..., None], axis=-1)[..., 0]
     weights_BxL = weights.astype(jnp.float32)

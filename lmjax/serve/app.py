@@ -391,10 +391,15 @@ def create_app(engine: engine_lib.Engine, tokenizer: Tokenizer, model_name: str,
 
 
 def app_from_workdir(workdir: str, *, max_slots: int, max_queue: int, model_name: str | None = None,
-                     warm_every_bucket: bool = True) -> Starlette:
+                     warm_every_bucket: bool = True, quantize: str = "none") -> Starlette:
     """The application for the newest checkpoint of a run directory (its stored config, its tokenizer),
-    on one device whatever mesh it was trained on."""
+    on one device whatever mesh it was trained on; `quantize` int8/int4 serves weight-quantized params
+    (made once and kept beside the checkpoints, as `--mode=generate --quantize` keeps them)."""
+    from lmjax.infer import quantization
+    from lmjax.model import quantization as quant_lib
     from lmjax.train import workdir as workdir_lib
+
+    quant_lib.check_mode(quantize)
 
     config = workdir_lib.saved_config(workdir)
     config.mesh.update(data=-1, fsdp=1, tensor=1, num_slices=1)  # the restore reshards onto it
@@ -402,9 +407,13 @@ def app_from_workdir(workdir: str, *, max_slots: int, max_queue: int, model_name
     restored = setup.restore(read_only=True)
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}")
-    params = jax.device_put(restored.state.params, jax.devices()[0])
+    params, model_cfg = restored.state.params, setup.config.model
+    if quantize != "none":
+        params = quantization.load_or_quantize(setup, restored.step, params, quantize)
+        model_cfg = quant_lib.with_quantization(model_cfg, quantize)
+    params = jax.device_put(params, jax.devices()[0])
     tokenizer = setup.tokenizer
-    engine = engine_lib.Engine(setup.config.model, params, max_slots=max_slots, max_queue=max_queue,
+    engine = engine_lib.Engine(model_cfg, params, max_slots=max_slots, max_queue=max_queue,
                                eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None, metrics=Metrics(max_slots))
     name = model_name or os.path.basename(os.path.normpath(workdir))
     return create_app(engine, tokenizer, name, warm_every_bucket=warm_every_bucket)
