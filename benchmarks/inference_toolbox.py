@@ -13,7 +13,8 @@ loss, loss against mean layers used per threshold, decode speed and exit rate; d
 of the draft's shape trained on the target's soft targets, against the draft trained on the same
 tokens alone); pruning (magnitude, Wanda, 2:4, heads) one-shot across sparsities and after a short
 recovery fine-tune. Timings exclude compilation (best of --repeats).
-Writes benchmarks/results/inference_toolbox.md.
+Prints and writes benchmarks/results/inference_toolbox.md, which opens with one summary table (a row per
+method: validation loss, parameter bytes, tokens/s at batch 1 and 16, the method's own figure).
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def measure(args: argparse.Namespace) -> str:
                 gamma=gamma, temperature=temperature, rng=jax.random.key(0),
             )
             timed[(temperature, gamma)] = functools.partial(speculate, one)
+            timed[(temperature, gamma, 16)] = functools.partial(speculate, prompts[:16])
             # Acceptance pooled over all prompts in one batch (each row's counts are its own).
             out, stats = speculate(prompts)
             spec_rows.append({"temperature": temperature, "gamma": gamma, "stats": stats,
@@ -158,13 +160,62 @@ def measure(args: argparse.Namespace) -> str:
         r["tok_s_1"], r["tok_s_16"] = new / seconds[(r["mode"], 1)], 16 * new / seconds[(r["mode"], 16)]
     for r in spec_rows:
         r["seconds"] = seconds[(r["temperature"], r["gamma"])]
+        r["seconds_16"] = seconds[(r["temperature"], r["gamma"], 16)]
     draft_figures = run_quant.evaluate_params(draft_setup, draft_params, draft_cfg)
+    draft_figures["bytes"] = quant.param_bytes(draft_params)
+    summary = summary_table(args, rows, draft_figures, spec_rows, compressed, seconds)
     text = report(args, setup, draft_setup, rows, draft_figures, spec_rows, seconds[("float32", 1)],
-                  seconds["draft"], train_s)
+                  seconds["draft"], train_s, summary)
     return text + compression_report(args, rows, draft_figures, compressed, seconds)
 
 
-def report(args, setup, draft_setup, rows, draft_figures, spec_rows, target_s, draft_s, train_s) -> str:
+def summary_table(args, rows, draft_figures, spec_rows, c, seconds) -> str:
+    """One row per method, from the measurements the sections below detail: what it costs in validation
+    loss, what it saves in bytes or time, and its own figure."""
+    new, base = args.new_tokens, rows[0]
+
+    def tok_s(*key) -> str:
+        return f"{key[-1] * new / seconds[key]:,.0f}"
+
+    lines = [
+        "## Summary",
+        "",
+        "Each method against the float32 target (early exit: the target's shape trained with exit losses; "
+        f"student: 1 layer, d=64). Tokens/s: {new} new tokens per row, greedy decode except speculative "
+        "decoding's row, its fastest setting at batch 1. Parameter bytes: as stored (pruned zeros are stored "
+        "dense; speculative decoding holds the target and the draft). Details in the sections below.",
+        "",
+        "| method | val loss | param bytes | tok/s batch 1 | batch 16 | its own figure |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        figure = "" if r is base else f"{r['bytes'] / base['bytes']:.2f}x the float32 bytes"
+        lines.append(f"| {r['mode']} weights | {r['val_loss']:.4f} | {r['bytes']:,} | {r['tok_s_1']:,.0f} | "
+                     f"{r['tok_s_16']:,.0f} | {figure} |")
+    spec = min(spec_rows, key=lambda r: r["seconds"])
+    sampling_name = "greedy" if spec["temperature"] == 0 else f"T={spec['temperature']:g}"
+    lines.append(f"| speculative ({sampling_name}, gamma {spec['gamma']}) | {base['val_loss']:.4f} (the target's "
+                 f"distribution) | {base['bytes'] + draft_figures['bytes']:,} | {new / spec['seconds']:,.0f} | "
+                 f"{16 * new / spec['seconds_16']:,.0f} | alpha {spec['stats'].acceptance_rate:.3f}, "
+                 f"{spec['stats'].tokens_per_pass:.2f} tokens per target pass |")
+    full_layers = max(c["exits"]["exit_loss"])
+    threshold, (loss, layers) = min(c["exits"]["threshold"].items(), key=lambda item: item[1][1])
+    lines.append(f"| early exit (threshold {threshold:g}) | {loss:.4f} | {c['early_bytes']:,} | "
+                 f"{tok_s('exit', threshold, 1)} | {tok_s('exit', threshold, 16)} | {layers:.2f} of "
+                 f"{full_layers} layers used (val) |")
+    lines.append(f"| distilled student | {c['student']['val_loss']:.4f} | {c['student']['bytes']:,} | "
+                 f"{tok_s('student', 1)} | {tok_s('student', 16)} | {draft_figures['val_loss']:.4f} trained "
+                 "without the teacher |")
+    method, sparsity = PRUNE_FINETUNED[0]
+    shot = next(r for r in c["one_shot"] if (r["method"], r["sparsity"]) == (method, sparsity))
+    tuned = next(r for r in c["finetuned"] if (r["method"], r["sparsity"]) == (method, sparsity))
+    lines.append(f"| pruned ({method}, one-shot) | {shot['val_loss']:.4f} | {c['pruned_bytes']:,} | "
+                 f"{tok_s('pruned', 1)} | {tok_s('pruned', 16)} | sparsity {shot['zeros']:.3f} "
+                 f"({tuned['val_loss']:.4f} after fine-tune) |")
+    return "\n".join(lines + [""])
+
+
+def report(args, setup, draft_setup, rows, draft_figures, spec_rows, target_s, draft_s, train_s, summary) -> str:
     new = args.new_tokens
     lines = [
         "# Inference toolbox: quantization, speculative decoding, early exit, distillation, pruning on one trained model",
@@ -178,6 +229,7 @@ def report(args, setup, draft_setup, rows, draft_figures, spec_rows, target_s, d
         f"(training both: {train_s:.0f} s this call; a second call resumes the finished runs). Every timing "
         f"is the best of {args.repeats}, compilation excluded, all variants timed in turns.",
         "",
+        summary,
         "## Weight-only quantization (qwix PTQ)",
         "",
         f"Validation: the run's fixed sample ({rows[0]['val_tokens']:,} tokens). Decode: greedy, "
@@ -262,6 +314,7 @@ def measure_compression(args, setup, params, runs, prompts, timed) -> dict:
     early_setup = workdir_lib.Setup(early_config, early_dir)
     early_params = early_setup.restore(read_only=True).state.params
     out["exits"] = exit_decoding.evaluate_exits(early_setup, early_params, EXITS, THRESHOLDS)
+    out["early_bytes"] = quant.param_bytes(early_params)
     early_cfg = early_setup.config.model
     out["exit_stats"] = {}
     for t in THRESHOLDS:
@@ -277,6 +330,7 @@ def measure_compression(args, setup, params, runs, prompts, timed) -> dict:
     student_setup = workdir_lib.Setup(student_config, student_dir)
     student_params = student_setup.restore(read_only=True).state.params
     out["student"] = run_quant.evaluate_params(student_setup, student_params, student_setup.config.model)
+    out["student"]["bytes"] = quant.param_bytes(student_params)
     for batch in (1, 16):
         timed[("student", batch)] = functools.partial(generate, student_setup.config.model, student_params,
                                                       prompts[:batch], new, temperature=0)
@@ -295,6 +349,7 @@ def measure_compression(args, setup, params, runs, prompts, timed) -> dict:
         out["one_shot"].append({"method": method, "sparsity": sparsity, "val_loss": val_loss(pruned),
                                 "zeros": pruning.sparsity_of(pruned), "nonzero": nonzero_params(pruned)})
         if (method, sparsity) == PRUNE_FINETUNED[0]:
+            out["pruned_bytes"] = quant.param_bytes(pruned)
             for batch in (1, 16):
                 timed[("pruned", batch)] = functools.partial(generate, setup.config.model, pruned, prompts[:batch],
                                                              new, temperature=0)

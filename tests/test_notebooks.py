@@ -1,9 +1,11 @@
-"""The quickstart notebook runs top to bottom (a few steps of a tiny byte-level model), so it cannot rot, and
-its install cell does the right thing where lmjax is not installed."""
+"""The notebooks run top to bottom at tiny size (the quickstart trains, plots and samples; the inference one
+plots loss against layers used and against sparsity), so they cannot rot, and their install cells do the
+right thing where lmjax is not installed."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -41,7 +43,44 @@ def test_quickstart_notebook_trains_plots_and_samples(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-NOTEBOOKS = [NOTEBOOK, os.path.join(REPO, "notebooks", "scaling_laws.ipynb")]
+INFERENCE_NOTEBOOK = os.path.join(REPO, "notebooks", "inference.ipynb")
+
+
+@pytest.mark.slow
+def test_inference_notebook_plots_loss_vs_layers_and_vs_sparsity(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(open(os.path.join(REPO, "lmjax", "config.py")).read() * 3)
+    for name, value in {
+        "LMJAX_NOTEBOOK_STEPS": "4",
+        "LMJAX_NOTEBOOK_SPARSITIES": "0.5,0.75",
+        "LMJAX_NOTEBOOK_SOURCE": f"text:{corpus}",
+        "LMJAX_NOTEBOOK_TOKENIZER": "byte",
+        "LMJAX_NOTEBOOK_EMBED_DIM": "32",
+        "LMJAX_NOTEBOOK_LAYERS": "2",
+        "LMJAX_NOTEBOOK_WORKDIR": str(tmp_path / "run"),
+        "LMJAX_CPU_PEAK_FLOPS": "1e11",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": REPO,
+    }.items():
+        monkeypatch.setenv(name, value)
+    notebook = nbformat.read(INFERENCE_NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
+
+    figures = [cell for cell in notebook.cells if cell.cell_type == "code"
+               and any("image/png" in o.get("data", {}) for o in cell.get("outputs", []))]
+    assert len(figures) == 2, "expected the loss-vs-layers and loss-vs-sparsity figures"
+    text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                   for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+    # The full model's loss read through the exit head path and through the eval step agree.
+    full = float(re.search(r"full model \(2 layers\) val loss: ([0-9.]+)", text).group(1))
+    dense = float(re.search(r"dense val loss: ([0-9.]+)", text).group(1))
+    assert abs(full - dense) < 2e-3, (full, dense)
+    assert "exit after 1 layer(s)" in text and "threshold 0.1:" in text
+    for method in ("magnitude 0.75", "wanda 0.5", "2:4 0.5"):
+        assert f"{method}: " in text, method
+
+
+NOTEBOOKS = [NOTEBOOK, os.path.join(REPO, "notebooks", "scaling_laws.ipynb"), INFERENCE_NOTEBOOK]
 
 
 def install_cell(path: str) -> str:
