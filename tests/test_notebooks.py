@@ -80,7 +80,8 @@ def test_inference_notebook_plots_loss_vs_layers_and_vs_sparsity(tmp_path, monke
         assert f"{method}: " in text, method
 
 
-NOTEBOOKS = [NOTEBOOK, os.path.join(REPO, "notebooks", "scaling_laws.ipynb"), INFERENCE_NOTEBOOK]
+EVALS_NOTEBOOK = os.path.join(REPO, "notebooks", "evals.ipynb")
+NOTEBOOKS = [NOTEBOOK, os.path.join(REPO, "notebooks", "scaling_laws.ipynb"), INFERENCE_NOTEBOOK, EVALS_NOTEBOOK]
 
 
 def install_cell(path: str) -> str:
@@ -110,3 +111,21 @@ def test_install_cell_installs_from_the_source_it_is_given(tmp_path, path):
     result = run_without_lmjax(install_cell(path), tmp_path, LMJAX_SOURCE=source)
     assert f"installing lmjax from {source}" in result.stdout
     assert result.returncode != 0 and "pip" in result.stderr  # pip ran, and failed on the missing source
+
+
+@pytest.mark.slow
+def test_evals_notebook_draws_its_three_figures_at_tiny_size(tmp_path, monkeypatch):
+    for name, value in {"LMJAX_NOTEBOOK_TINY": "1", "LMJAX_NOTEBOOK_WORKDIR": str(tmp_path), "JAX_PLATFORMS": "cpu",
+                        "PYTHONPATH": REPO}.items():
+        monkeypatch.setenv(name, value)
+    notebook = nbformat.read(EVALS_NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
+
+    figures = [cell for cell in notebook.cells if cell.cell_type == "code"
+               and any("image/png" in o.get("data", {}) for o in cell.get("outputs", []))]
+    assert len(figures) == 3, [cell.source[:60] for cell in figures]
+    text = "".join(o.get("text", "") for cell in figures for o in cell.outputs if o.get("output_type") == "stream")
+    assert "induction score" in text and "exact" in text and "free-running" in text
+    # every checkpoint of the two checkpointed runs was measured, and every answer digit of the third
+    assert text.count("step ") >= 2 and "t= 9:" in text
+    assert (tmp_path / "arithmetic" / "evals" / "8.json").exists()
