@@ -17,28 +17,40 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "quickstart.ipynb")
 
 
-@pytest.mark.slow
-def test_quickstart_notebook_trains_plots_and_samples(tmp_path, monkeypatch):
+def execute(path: str, monkeypatch, env: dict[str, str]) -> nbformat.NotebookNode:
+    """Run a notebook top to bottom in a kernel whose environment has `env` (its tiny-size overrides)."""
+    for name, value in {"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, **env}.items():
+        monkeypatch.setenv(name, value)
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
+    return notebook
+
+
+def tiny_training(tmp_path, **overrides: str) -> dict[str, str]:
+    """The LMJAX_NOTEBOOK_* overrides of a few steps of a tiny byte-level model on lmjax's own source."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(open(os.path.join(REPO, "lmjax", "config.py")).read() * 3)
-    for name, value in {
-        "LMJAX_NOTEBOOK_STEPS": "8",
-        "LMJAX_NOTEBOOK_SOURCE": f"text:{corpus}",
-        "LMJAX_NOTEBOOK_TOKENIZER": "byte",
-        "LMJAX_NOTEBOOK_EMBED_DIM": "32",
-        "LMJAX_NOTEBOOK_LAYERS": "1",
-        "LMJAX_NOTEBOOK_WORKDIR": str(tmp_path / "run"),
-        "LMJAX_CPU_PEAK_FLOPS": "1e11",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": REPO,
-    }.items():
-        monkeypatch.setenv(name, value)
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
+    env = {"LMJAX_NOTEBOOK_SOURCE": f"text:{corpus}", "LMJAX_NOTEBOOK_TOKENIZER": "byte",
+           "LMJAX_NOTEBOOK_EMBED_DIM": "32", "LMJAX_NOTEBOOK_WORKDIR": str(tmp_path / "run"),
+           "LMJAX_CPU_PEAK_FLOPS": "1e11"}
+    return {**env, **{f"LMJAX_NOTEBOOK_{k.upper()}": v for k, v in overrides.items()}}
 
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-    assert any("image/png" in o.get("data", {}) for o in outputs), "no loss plot"
+
+def printed(notebook: nbformat.NotebookNode) -> str:
+    return "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                   for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+
+
+def figure_cells(notebook: nbformat.NotebookNode) -> list:
+    return [cell for cell in notebook.cells if cell.cell_type == "code"
+            and any("image/png" in o.get("data", {}) for o in cell.get("outputs", []))]
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_trains_plots_and_samples(tmp_path, monkeypatch):
+    notebook = execute(NOTEBOOK, monkeypatch, tiny_training(tmp_path, steps="8", layers="1"))
+    text = printed(notebook)
+    assert figure_cells(notebook), "no loss plot"
     assert "final val loss" in text and "class Parser:" in text
     assert (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -48,29 +60,10 @@ INFERENCE_NOTEBOOK = os.path.join(REPO, "notebooks", "inference.ipynb")
 
 @pytest.mark.slow
 def test_inference_notebook_plots_loss_vs_layers_and_vs_sparsity(tmp_path, monkeypatch):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(open(os.path.join(REPO, "lmjax", "config.py")).read() * 3)
-    for name, value in {
-        "LMJAX_NOTEBOOK_STEPS": "4",
-        "LMJAX_NOTEBOOK_SPARSITIES": "0.5,0.75",
-        "LMJAX_NOTEBOOK_SOURCE": f"text:{corpus}",
-        "LMJAX_NOTEBOOK_TOKENIZER": "byte",
-        "LMJAX_NOTEBOOK_EMBED_DIM": "32",
-        "LMJAX_NOTEBOOK_LAYERS": "2",
-        "LMJAX_NOTEBOOK_WORKDIR": str(tmp_path / "run"),
-        "LMJAX_CPU_PEAK_FLOPS": "1e11",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": REPO,
-    }.items():
-        monkeypatch.setenv(name, value)
-    notebook = nbformat.read(INFERENCE_NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
-
-    figures = [cell for cell in notebook.cells if cell.cell_type == "code"
-               and any("image/png" in o.get("data", {}) for o in cell.get("outputs", []))]
-    assert len(figures) == 2, "expected the loss-vs-layers and loss-vs-sparsity figures"
-    text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-                   for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+    notebook = execute(INFERENCE_NOTEBOOK, monkeypatch,
+                       tiny_training(tmp_path, steps="4", layers="2", sparsities="0.5,0.75"))
+    assert len(figure_cells(notebook)) == 2, "expected the loss-vs-layers and loss-vs-sparsity figures"
+    text = printed(notebook)
     # The full model's loss read through the exit head path and through the eval step agree.
     full = float(re.search(r"full model \(2 layers\) val loss: ([0-9.]+)", text).group(1))
     dense = float(re.search(r"dense val loss: ([0-9.]+)", text).group(1))
@@ -115,14 +108,8 @@ def test_install_cell_installs_from_the_source_it_is_given(tmp_path, path):
 
 @pytest.mark.slow
 def test_evals_notebook_draws_its_three_figures_at_tiny_size(tmp_path, monkeypatch):
-    for name, value in {"LMJAX_NOTEBOOK_TINY": "1", "LMJAX_NOTEBOOK_WORKDIR": str(tmp_path), "JAX_PLATFORMS": "cpu",
-                        "PYTHONPATH": REPO}.items():
-        monkeypatch.setenv(name, value)
-    notebook = nbformat.read(EVALS_NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
-
-    figures = [cell for cell in notebook.cells if cell.cell_type == "code"
-               and any("image/png" in o.get("data", {}) for o in cell.get("outputs", []))]
+    notebook = execute(EVALS_NOTEBOOK, monkeypatch, {"LMJAX_NOTEBOOK_TINY": "1", "LMJAX_NOTEBOOK_WORKDIR": str(tmp_path)})
+    figures = figure_cells(notebook)
     assert len(figures) == 3, [cell.source[:60] for cell in figures]
     text = "".join(o.get("text", "") for cell in figures for o in cell.outputs if o.get("output_type") == "stream")
     assert "induction score" in text and "exact" in text and "free-running" in text
