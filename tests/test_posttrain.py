@@ -112,6 +112,10 @@ def test_conversation_longer_than_the_context_is_refused():
     examples = [{"messages": chat.conversation("x" * 30, "y")}]
     with pytest.raises(ValueError, match=r"conversation 0 is 36 tokens, longer than the context: data.seq_len=24"):
         batches.sft_rows(chat.ChatTemplate(BYTE), examples, SEQ_LEN, pad_id=BYTE.pad_id)
+    pairs = [{"prompt": chat.conversation("1+1="), "chosen": "2", "rejected": "3"},
+             {"prompt": chat.conversation("2+2="), "chosen": "4", "rejected": "no" * 10}]
+    with pytest.raises(ValueError, match=r"pair 1: prompt \+ rejected response is 29 tokens, longer than the context: data.seq_len=24"):
+        batches.pair_rows(chat.ChatTemplate(BYTE), pairs, SEQ_LEN, pad_id=BYTE.pad_id)
 
 
 # --- SFT: packing and loss weights ---------------------------------------------------------------
@@ -262,8 +266,54 @@ def test_dpo_run_resumes_exactly(check):
 
 
 @pytest.mark.slow
+def test_dpo_resumed_run_is_the_uninterrupted_run(check):
+    """Every logged number (evaluations included) and the final parameters, bit for bit."""
+    assert check["trainer"]["resumed"] == check["trainer"]["first"]
+    assert check["trainer"]["max_param_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_ppo_run_resumes_exactly(check):
+    """Step 4's checkpoint deleted (a PPO run killed after step 2): the resumed steps 3 and 4 sample
+    the same responses and get the same rewards, KL, KL coefficient and losses, bit for bit, and end
+    at the same parameters."""
+    resume = check["ppo_resume"]
+    assert resume["saved_steps"] == [2, 4]
+    first = {r["step"]: r for r in resume["first"]}
+    resumed = {r["step"]: r for r in resume["resumed"]}
+    assert sorted(first) == sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == first[step]
+    # The coefficient adapts every step (ppo.kl_target > 0), so only a restored one matches.
+    assert first[3]["kl_coef"] < first[2]["kl_coef"] < first[1]["kl_coef"] == 0.05
+    assert first[3]["policy_loss"] != first[4]["policy_loss"]  # the steps differ: equality is not vacuous
+    assert resume["max_param_diff"] == 0.0
+    summary = resume["summary"]
+    assert summary["completed"] and summary["steps"] == 4
+    assert summary["final"] == {k: v for k, v in first[4].items() if k != "step"}
+
+
+@pytest.mark.slow
 def test_init_from_another_model_is_refused(check):
     assert "holds a different model: model.embed_dim: checkpoint 32, config 64" in check["other_model_error"]
+
+
+@pytest.mark.slow
+def test_wrong_reward_or_init_checkpoints_are_named(check):
+    errors = check["bad_sources"]
+    assert "config.ppo.reward_from=" in errors["reward_of_another_shape"]
+    assert "holds a model of another shape than --init_from" in errors["reward_of_another_shape"]
+    assert "(model.embed_dim: 64 there, 32 here)" in errors["reward_of_another_shape"]
+    assert errors["reward_is_a_language_model"].endswith(
+        "/init holds a language model, not a reward model: point it at the workdir of a --mode=reward run")
+    assert errors["reward_missing"].startswith("FileNotFoundError: config.ppo.reward_from=")
+    assert "/nothing: no checkpoint in" in errors["reward_missing"]
+    assert errors["init_is_a_reward_model"].startswith("ValueError: --init_from=")
+    assert errors["init_is_a_reward_model"].endswith("/reward holds a reward model, not a language model: "
+                                                     "start from a pretraining, SFT or DPO run")
+    assert errors["prompt_too_long"].endswith(
+        "is 10 tokens: with config.ppo.max_new_tokens=20 it does not fit data.seq_len=24")
+    assert errors["workdirs_written"] == []  # every check comes before the first file
 
 
 @pytest.mark.slow

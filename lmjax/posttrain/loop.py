@@ -22,6 +22,7 @@ from ml_collections import config_dict
 from lmjax import cli, data
 from lmjax import config as config_lib
 from lmjax.posttrain import config as pt_config
+from lmjax.posttrain import init as init_lib
 from lmjax.posttrain.chat import ChatTemplate
 from lmjax.train import checkpointing, metrics, preemption
 from lmjax.train.trainer import Throughput
@@ -42,6 +43,8 @@ class Run:
         pt_config.check(config, mode)
         self.mode, self.init_from, self.workdir = mode, init_from, workdir
         config, self.source_config = pt_config.from_init(config, init_from)
+        init_lib.require_kind(init_from, init_lib.LANGUAGE_MODEL, "--init_from",
+                              "start from a pretraining, SFT or DPO run")
         self.setup = Setup(config, workdir)
         self.config = self.setup.config
         self.template = ChatTemplate(self.setup.tokenizer)

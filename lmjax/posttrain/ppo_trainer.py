@@ -107,12 +107,18 @@ class PPORun(loop.Run):
         setup.model = ActorCritic(config.model)
         setup.abstract_state, setup.state_shardings = step_lib.abstract_train_state(update_config, setup.model, setup.mesh)
         self.policy = model.Transformer(config.model)
-        self.reward_config = pt_config.init_config(p.reward_from, config.mesh)
+        self.reward_config = pt_config.init_config(p.reward_from, config.mesh, "config.ppo.reward_from")
+        init_lib.require_kind(p.reward_from, init_lib.REWARD_MODEL, "config.ppo.reward_from",
+                              "point it at the workdir of a --mode=reward run")
         shape = lambda c: {k: v for k, v in config_lib.to_json(c)["model"].items()  # noqa: E731
                            if k not in config_lib.RUNTIME_MODEL_KEYS}
-        if shape(self.reward_config) != shape(config):
+        reward_shape, policy_shape = shape(self.reward_config), shape(config)
+        diffs = [f"model.{k}: {reward_shape.get(k)!r} there, {v!r} here" for k, v in policy_shape.items()
+                 if reward_shape.get(k) != v]
+        if diffs:
             raise ValueError(f"config.ppo.reward_from={p.reward_from} holds a model of another shape than --init_from "
-                             f"({init_from}): the value network starts from it, so they must match")
+                             f"({init_from}): the value network starts from it, so they must match ("
+                             + "; ".join(diffs) + ")")
         self.reward_setup = Setup(self.reward_config, p.reward_from)
         self.reward_setup.model = RewardModel(self.reward_config.model)
         self.reward_setup.abstract_state, self.reward_setup.state_shardings = step_lib.abstract_train_state(
