@@ -153,6 +153,27 @@ def test_prompt_targets_get_exactly_zero_gradient(sft_grad):
     assert sft_grad(weighted)[0] != sft_grad(weighted_p)[0]
 
 
+def test_unpacked_prompt_and_padding_targets_get_exactly_zero_gradient(sft_grad):
+    """One conversation a row: changing a prompt target and every padding input and target changes
+    neither the loss nor any gradient, bit for bit."""
+    rows = batches.sft_rows(chat.ChatTemplate(BYTE), EXAMPLES, SEQ_LEN, pad_id=BYTE.pad_id, pack=False)
+    padding = rows["segment_ids"] == 0
+    assert padding.sum() > 0 and rows["weights"][padding].sum() == 0
+    r, t = np.argwhere((rows["weights"] == 0) & ~padding)[2]
+    perturbed = {k: v.copy() for k, v in rows.items()}
+    perturbed["targets"][r, t] = (perturbed["targets"][r, t] + 7) % 256
+    perturbed["inputs"][padding], perturbed["targets"][padding] = ord("A"), ord("B")
+    loss, grads = sft_grad(rows)
+    loss_p, grads_p = sft_grad(perturbed)
+    assert loss == loss_p
+    jax.tree.map(np.testing.assert_array_equal, grads, grads_p)
+    # A response target is learned: changing one does change the loss.
+    r, t = np.argwhere(rows["weights"] > 0)[0]
+    learned = {**rows, "targets": rows["targets"].copy()}
+    learned["targets"][r, t] = (learned["targets"][r, t] + 7) % 256
+    assert sft_grad(learned)[0] != loss
+
+
 def test_packed_and_unpacked_give_the_same_loss_and_gradient(sft_grad):
     template = chat.ChatTemplate(BYTE)
     packed = batches.sft_rows(template, EXAMPLES, SEQ_LEN, pad_id=BYTE.pad_id, pack=True)
@@ -223,6 +244,31 @@ def test_reward_is_the_head_at_the_last_response_token(lm):
     pairs = rewards.reshape(-1, 2)
     assert float(sums["loss_sum"]) == pytest.approx(np.sum(np.log1p(np.exp(-(pairs[:, 0] - pairs[:, 1])))), rel=1e-5)
     assert float(sums["accuracy_sum"]) == np.sum(pairs[:, 0] > pairs[:, 1])
+
+
+def test_reward_centring_and_padding_pairs_by_hand(lm):
+    """objective = sum of Bradley-Terry losses + reward.center * sum (r_chosen + r_rejected)^2 over the
+    real pairs; a padding pair (no weighted token, e.g. filling an eval batch) counts nowhere."""
+    c, model, lm_params = lm
+    reward_model = RewardModel(c.model)
+    config = pt_config.default_config("reward")
+    config.reward.center = 0.5
+    rows = batches.pair_rows(chat.ChatTemplate(BYTE), PAIRS[:3], SEQ_LEN, pad_id=BYTE.pad_id)
+    rows = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in rows.items()}  # a 4th, padding pair
+    head = {"kernel": np.random.default_rng(3).normal(0, 1, (32, 1)).astype(np.float32), "bias": np.float32([0.3])}
+    params = {"transformer": lm_params, "reward_head": head}
+    loss_fn = losses.reward_loss_sums_fn(config, reward_model)
+    flat = lambda x: x.reshape(-1, SEQ_LEN)  # noqa: E731
+    both = jit(lambda p, rows: (loss_fn(p, rows, jax.random.PRNGKey(0), 0),
+                                reward_model.apply({"params": p}, flat(rows["inputs"]), flat(rows["weights"]))))
+    (objective, sums), rewards = both(params, rows)
+    pairs = np.asarray(rewards, np.float64).reshape(-1, 2)[:3]
+    bradley_terry = np.sum(np.log1p(np.exp(-(pairs[:, 0] - pairs[:, 1]))))
+    assert float(sums["loss_sum"]) == pytest.approx(bradley_terry, rel=1e-5)
+    assert float(objective) == pytest.approx(bradley_terry + 0.5 * np.sum((pairs[:, 0] + pairs[:, 1]) ** 2), rel=1e-5)
+    assert float(sums["weight_sum"]) == 3.0
+    assert float(sums["accuracy_sum"]) == np.sum(pairs[:, 0] > pairs[:, 1])
+    assert float(sums["reward_mean_sum"]) == pytest.approx(np.sum(pairs.mean(axis=1)), rel=1e-5, abs=1e-6)
 
 
 # --- the trainer, on 8 fake devices (tests/posttrain_check.py) ------------------------------------
@@ -374,6 +420,22 @@ def test_command_line_names_a_missing_init_checkpoint(tmp_path):
     assert proc.returncode == 1
     assert f"error: --init_from={tmp_path}/nothing: no checkpoint in {tmp_path}/nothing/checkpoints" in proc.stderr
     assert not os.path.exists(f"{tmp_path}/sft")
+
+
+def test_main_runs_the_posttrain_modes(tmp_path):
+    """`python -m lmjax.main --mode=sft ...` is `python -m lmjax.posttrain --mode=sft ...`, errors included."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    main = [sys.executable, "-m", "lmjax.main", f"--workdir={tmp_path}/run"]
+    for argv, error in [
+        (["--mode=sft", "--config=configs/posttrain/sft.py", f"--init_from={tmp_path}/nothing"],
+         f"error: --init_from={tmp_path}/nothing: no checkpoint in {tmp_path}/nothing/checkpoints"),
+        (["--mode=dpo", "--config=configs/gpt_small.py", f"--init_from={tmp_path}/nothing"],
+         "error: the config has no posttrain, sft, dpo, reward, ppo section: --mode=dpo needs a post-training "
+         "preset, e.g. configs/posttrain/dpo.py"),
+    ]:
+        proc = subprocess.run(main + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and error in proc.stderr.splitlines(), proc.stderr[-2000:]
+    assert os.listdir(tmp_path) == []
 
 
 # --- PPO's arithmetic --------------------------------------------------------------------------------

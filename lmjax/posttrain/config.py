@@ -69,6 +69,10 @@ def check(config: config_dict.ConfigDict, mode: str) -> None:
     """Post-training keys the pretraining check does not know."""
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
+    missing = [section for section in ("posttrain", *MODES) if section not in config]
+    if missing:
+        raise ValueError(f"the config has no {', '.join(missing)} section: --mode={mode} needs a post-training "
+                         f"preset, e.g. configs/posttrain/{mode}.py")
     if config.dpo.loss not in DPO_LOSSES:
         raise ValueError(f"config.dpo.loss={config.dpo.loss!r} is not valid; choose one of: {', '.join(DPO_LOSSES)}")
     if config.dpo.beta <= 0:
