@@ -112,6 +112,9 @@ def test_conversation_longer_than_the_context_is_refused():
     examples = [{"messages": chat.conversation("x" * 30, "y")}]
     with pytest.raises(ValueError, match=r"conversation 0 is 36 tokens, longer than the context: data.seq_len=24"):
         batches.sft_rows(chat.ChatTemplate(BYTE), examples, SEQ_LEN, pad_id=BYTE.pad_id)
+
+
+def test_pair_longer_than_the_context_is_refused():
     pairs = [{"prompt": chat.conversation("1+1="), "chosen": "2", "rejected": "3"},
              {"prompt": chat.conversation("2+2="), "chosen": "4", "rejected": "no" * 10}]
     with pytest.raises(ValueError, match=r"pair 1: prompt \+ rejected response is 29 tokens, longer than the context: data.seq_len=24"):

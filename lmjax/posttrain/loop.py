@@ -151,9 +151,9 @@ class Run:
             print(" | ".join([f"step {step}/{self.total}", *(f"{k} {v:.4g}" for k, v in record.items()),
                               f"elapsed {metrics.format_duration(self.wall_time())}",
                               f"ETA {metrics.format_duration(eta) if eta is not None else '?'}"]), flush=True)
-        if step_metrics is not None:
+        if step_metrics is not None:  # (not at step 0: the next interval would hold the step's compile)
             self.last_log = record
-        self.throughput.restart(step)  # evaluation, sampling and the first step's compile are not step time
+            self.throughput.restart(step)  # evaluation, sampling and the first step's compile are not step time
 
     def _check_finite(self, step_metrics: dict, step: int) -> None:
         if not bool(step_metrics["is_finite"]):
