@@ -1,6 +1,7 @@
 """Post-training: the chat template, SFT rows and their loss weights, DPO and reward losses against
 hand computations; and, in a subprocess on 8 fake devices, a DPO run through the trainer that starts at
-ln 2 and resumes exactly, and a DPO step that matches the 1-device one (lmjax/posttrain)."""
+ln 2 and resumes exactly, a PPO run that resumes exactly, runs pointed at the wrong checkpoints, and
+a DPO step that matches the 1-device one (lmjax/posttrain)."""
 
 from __future__ import annotations
 
