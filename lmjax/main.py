@@ -1,5 +1,8 @@
 """`python -m lmjax.main --config=configs/gpt_small.py --workdir=DIR [--mode=train|eval|generate]`.
 
+Post-training runs the same way: `--mode=sft|dpo|reward|ppo --config=configs/posttrain/<mode>.py
+--init_from=RUN` is `python -m lmjax.posttrain` (lmjax.posttrain.trainer.train).
+
 Parses flags and calls the library; nothing else happens here. Any key of the config can be
 overridden on the command line: `--config.train.steps=200 --config.model.position=rope`. Eval and
 generate may leave out --config: the run's stored config is used (a run imported with
@@ -17,6 +20,8 @@ from ml_collections import config_flags
 
 from lmjax import cli
 from lmjax.infer import early_exit, quantization, sampling, speculative
+from lmjax.posttrain import config as posttrain_config
+from lmjax.posttrain import trainer as posttrainer
 from lmjax.train import trainer, validation
 from lmjax.train import workdir as workdir_lib
 
@@ -24,7 +29,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Preset file, e.g. configs/gpt_small.py; eval, generate: default the run's stored config.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, summary.json.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "Train (or resume), evaluate, or sample.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate", *posttrain_config.MODES],
+                          "Train (or resume), evaluate, sample, or post-train (sft, dpo, reward, ppo).")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "sft, dpo, reward, ppo: the run whose newest checkpoint is the "
+                                 "starting model.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeat the flag for several).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "generate: a file whose whole text is one prompt.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "generate: tokens to add to each prompt.")
@@ -56,6 +64,14 @@ def _prompts() -> list[str]:
 
 def _run() -> None:
     config, workdir = _CONFIG.value, _WORKDIR.value
+    if _MODE.value in posttrain_config.MODES:
+        if config is None or not _INIT_FROM.value:
+            raise ValueError(f"--mode={_MODE.value} needs --config (e.g. configs/posttrain/{_MODE.value}.py) and "
+                             "--init_from (the run to post-train)")
+        posttrainer.train(_MODE.value, config, _INIT_FROM.value, workdir)
+        return
+    if _INIT_FROM.value:
+        raise ValueError(f"--init_from is for --mode={'|'.join(posttrain_config.MODES)}, not --mode={_MODE.value}")
     if config is None:
         if _MODE.value == "train":
             raise ValueError("--mode=train needs --config (a preset file, e.g. configs/gpt_small.py)")

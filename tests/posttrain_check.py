@@ -3,7 +3,9 @@ because the device count must be fixed before JAX is imported); prints JSON.
 
   trainer   DPO through `lmjax.posttrain.trainer` from a checkpoint on a data=8 mesh: 4 steps
             (checkpoints at 2 and 4), then step 4 deleted and the run resumed from step 2.
-  ppo       two PPO steps from the same checkpoint, with a reward model of random weights.
+  ppo       four PPO steps from the same checkpoint, with a reward model of random weights
+            (checkpoints at 2 and 4), then step 4 deleted and the run resumed from step 2.
+  bad_sources  the errors of runs pointed at the wrong reward model or init model, or too long prompts.
   steps     two DPO train steps on one device and on a data=2 x fsdp=4 mesh.
 
 A persistent compilation cache lets the resumed run reuse the first run's compiled programs.
@@ -25,7 +27,7 @@ from lmjax import sharding  # noqa: E402
 from lmjax.config import default_config  # noqa: E402
 from lmjax.data.tokenizers import ByteTokenizer  # noqa: E402
 from lmjax.model import Transformer  # noqa: E402
-from lmjax.posttrain import batches, chat, losses, synthetic, trainer  # noqa: E402
+from lmjax.posttrain import batches, chat, losses, ppo_trainer, synthetic, trainer  # noqa: E402
 from lmjax.posttrain import config as pt_config  # noqa: E402
 from lmjax.posttrain.reward_model import RewardModel  # noqa: E402
 from lmjax.train import checkpointing, metrics  # noqa: E402
@@ -72,17 +74,45 @@ def random_checkpoint(directory, config, model=None, seed=0):
     manager.close()
 
 
+def ppo_config(run, reward_dir, overrides=None):
+    return config_lib.load("configs/posttrain/ppo.py", {
+        "ppo.reward_from": reward_dir, "posttrain.train_file": run["files"]["pairs_train"], "data.seq_len": SEQ_LEN,
+        "ppo.max_new_tokens": 6, "ppo.kl_target": 1.0, "ppo.kl_horizon": 100, "train.steps": 4,
+        "train.batch_size": 16, "train.log_every": 1, "optim.lr": 1e-3, "checkpoint.every_steps": 2,
+        **(overrides or {})})
+
+
 def ppo_run(run):
-    """Two PPO steps from the (grown) init model against a random reward model of the same shape."""
-    reward_dir = os.path.join(os.path.dirname(run["init"]), "reward")
+    """Four PPO steps from the (grown) init model against a random reward model of the same shape
+    (an adaptive KL coefficient, so the checkpoint must carry it), then step 4's checkpoint deleted
+    and the run resumed from step 2."""
+    root = os.path.dirname(run["init"])
+    reward_dir, workdir = os.path.join(root, "reward"), os.path.join(root, "ppo")
     c = tiny_lm_config()
     c.model.vocab_size = 263
     random_checkpoint(reward_dir, c, RewardModel(c.model))
-    p = config_lib.load("configs/posttrain/ppo.py", {
-        "ppo.reward_from": reward_dir, "posttrain.train_file": run["files"]["pairs_train"], "data.seq_len": SEQ_LEN,
-        "ppo.max_new_tokens": 6, "train.steps": 2, "train.batch_size": 16, "train.log_every": 1, "optim.lr": 1e-3})
-    trainer.train("ppo", p, run["init"], os.path.join(os.path.dirname(run["init"]), "ppo"))
-    return metrics.read_metrics(os.path.join(os.path.dirname(run["init"]), "ppo"))
+    first_run = ppo_trainer.PPORun(ppo_config(run, reward_dir), run["init"], workdir)
+    first_run.run()
+    first = metrics.read_metrics(workdir)
+    saved = checkpointing.committed_steps(workdir)
+    delete_step(workdir, 4)
+    resumed_run = ppo_trainer.PPORun(ppo_config(run, reward_dir), run["init"], workdir)
+    resumed_run.run()
+    return {"first": first, "resumed": metrics.read_metrics(workdir), "saved_steps": saved,
+            "max_param_diff": max_diff(first_run.state.params, resumed_run.state.params),
+            "summary": metrics.read_summary(workdir)}
+
+
+def delete_step(workdir, step):
+    """As if the run had been killed after the checkpoint before `step`."""
+    manager = checkpointing.make_manager(workdir, default_config().checkpoint)
+    manager.delete(step)
+    manager.close()
+
+
+def max_diff(a, b):
+    a, b = jax.device_get(a), jax.device_get(b)
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def dpo_config(files):
@@ -100,14 +130,15 @@ def trainer_run(root):
     init, workdir = os.path.join(root, "init"), os.path.join(root, "dpo")
     random_checkpoint(init, tiny_lm_config())  # a "pretrained" model: the mechanics need no trained one
     files = synthetic.write_all(os.path.join(root, "data"), train=32, evaluation=12)
-    trainer.train("dpo", dpo_config(files), init, workdir)
+    first_run = trainer.PosttrainRun("dpo", dpo_config(files), init, workdir)
+    first_run.run()
     first = metrics.read_metrics(workdir)
     saved = checkpointing.committed_steps(workdir)
-    manager = checkpointing.make_manager(workdir, default_config().checkpoint)
-    manager.delete(4)  # as if killed after step 2's checkpoint
-    manager.close()
-    trainer.train("dpo", dpo_config(files), init, workdir)
+    delete_step(workdir, 4)
+    resumed_run = trainer.PosttrainRun("dpo", dpo_config(files), init, workdir)
+    resumed_run.run()
     return {"first": first, "resumed": metrics.read_metrics(workdir), "saved_steps": saved,
+            "max_param_diff": max_diff(first_run.state.params, resumed_run.state.params),
             "devices": len(jax.devices()), "init": init, "files": files, "workdir": workdir}
 
 
@@ -122,6 +153,37 @@ def other_model_error(run):
     except ValueError as e:
         return str(e)
     return None
+
+
+def bad_source_errors(run):
+    """The errors of runs pointed at the wrong checkpoints or too long prompts (raised while the run
+    is being built, before anything compiles or is written)."""
+    root = os.path.dirname(run["init"])
+    wide = tiny_lm_config()
+    wide.model.update(vocab_size=263, embed_dim=64)
+    random_checkpoint(os.path.join(root, "reward_wide"), wide, RewardModel(wide.model))
+    attempts = {
+        "reward_of_another_shape": lambda: ppo_trainer.PPORun(
+            ppo_config(run, os.path.join(root, "reward_wide")), run["init"], os.path.join(root, "bad1")),
+        "reward_is_a_language_model": lambda: ppo_trainer.PPORun(
+            ppo_config(run, run["init"]), run["init"], os.path.join(root, "bad2")),
+        "reward_missing": lambda: ppo_trainer.PPORun(
+            ppo_config(run, os.path.join(root, "nothing")), run["init"], os.path.join(root, "bad3")),
+        "init_is_a_reward_model": lambda: trainer.PosttrainRun(
+            "dpo", dpo_config(run["files"]), os.path.join(root, "reward"), os.path.join(root, "bad4")),
+        "prompt_too_long": lambda: ppo_trainer.PPORun(
+            ppo_config(run, os.path.join(root, "reward"), {"ppo.max_new_tokens": 20}), run["init"],
+            os.path.join(root, "bad5")),
+    }
+    errors = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            errors[name] = None
+        except (ValueError, FileNotFoundError) as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+    errors["workdirs_written"] = sorted(d for d in os.listdir(root) if d.startswith("bad"))
+    return errors
 
 
 def step_runs():
@@ -171,7 +233,9 @@ if __name__ == "__main__":
         return out
 
     run = timed("trainer", trainer_run, sys.argv[1])
-    result = {"trainer": {k: run[k] for k in ("first", "resumed", "saved_steps", "devices")},
-              "other_model_error": timed("other", other_model_error, run), "ppo": timed("ppo", ppo_run, run),
+    ppo = timed("ppo", ppo_run, run)
+    result = {"trainer": {k: run[k] for k in ("first", "resumed", "saved_steps", "devices", "max_param_diff")},
+              "other_model_error": timed("other", other_model_error, run), "ppo": ppo["first"][:2], "ppo_resume": ppo,
+              "bad_sources": timed("bad_sources", bad_source_errors, run),
               "steps": timed("steps", step_runs), "cpu_s": cpu_s}
     print("JSON:" + json.dumps(result))

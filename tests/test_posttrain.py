@@ -1,6 +1,7 @@
 """Post-training: the chat template, SFT rows and their loss weights, DPO and reward losses against
 hand computations; and, in a subprocess on 8 fake devices, a DPO run through the trainer that starts at
-ln 2 and resumes exactly, and a DPO step that matches the 1-device one (lmjax/posttrain)."""
+ln 2 and resumes exactly, a PPO run that resumes exactly, runs pointed at the wrong checkpoints, and
+a DPO step that matches the 1-device one (lmjax/posttrain)."""
 
 from __future__ import annotations
 
@@ -114,6 +115,13 @@ def test_conversation_longer_than_the_context_is_refused():
         batches.sft_rows(chat.ChatTemplate(BYTE), examples, SEQ_LEN, pad_id=BYTE.pad_id)
 
 
+def test_pair_longer_than_the_context_is_refused():
+    pairs = [{"prompt": chat.conversation("1+1="), "chosen": "2", "rejected": "3"},
+             {"prompt": chat.conversation("2+2="), "chosen": "4", "rejected": "no" * 10}]
+    with pytest.raises(ValueError, match=r"pair 1: prompt \+ rejected response is 29 tokens, longer than the context: data.seq_len=24"):
+        batches.pair_rows(chat.ChatTemplate(BYTE), pairs, SEQ_LEN, pad_id=BYTE.pad_id)
+
+
 # --- SFT: packing and loss weights ---------------------------------------------------------------
 
 
@@ -147,6 +155,27 @@ def test_prompt_targets_get_exactly_zero_gradient(sft_grad):
     weighted = batches.sft_rows(chat.ChatTemplate(BYTE), EXAMPLES, SEQ_LEN, pad_id=BYTE.pad_id, prompt_loss_weight=0.5)
     weighted_p = {**weighted, "targets": perturbed["targets"]}
     assert sft_grad(weighted)[0] != sft_grad(weighted_p)[0]
+
+
+def test_unpacked_prompt_and_padding_targets_get_exactly_zero_gradient(sft_grad):
+    """One conversation a row: changing a prompt target and every padding input and target changes
+    neither the loss nor any gradient, bit for bit."""
+    rows = batches.sft_rows(chat.ChatTemplate(BYTE), EXAMPLES, SEQ_LEN, pad_id=BYTE.pad_id, pack=False)
+    padding = rows["segment_ids"] == 0
+    assert padding.sum() > 0 and rows["weights"][padding].sum() == 0
+    r, t = np.argwhere((rows["weights"] == 0) & ~padding)[2]
+    perturbed = {k: v.copy() for k, v in rows.items()}
+    perturbed["targets"][r, t] = (perturbed["targets"][r, t] + 7) % 256
+    perturbed["inputs"][padding], perturbed["targets"][padding] = ord("A"), ord("B")
+    loss, grads = sft_grad(rows)
+    loss_p, grads_p = sft_grad(perturbed)
+    assert loss == loss_p
+    jax.tree.map(np.testing.assert_array_equal, grads, grads_p)
+    # A response target is learned: changing one does change the loss.
+    r, t = np.argwhere(rows["weights"] > 0)[0]
+    learned = {**rows, "targets": rows["targets"].copy()}
+    learned["targets"][r, t] = (learned["targets"][r, t] + 7) % 256
+    assert sft_grad(learned)[0] != loss
 
 
 def test_packed_and_unpacked_give_the_same_loss_and_gradient(sft_grad):
@@ -221,6 +250,31 @@ def test_reward_is_the_head_at_the_last_response_token(lm):
     assert float(sums["accuracy_sum"]) == np.sum(pairs[:, 0] > pairs[:, 1])
 
 
+def test_reward_centring_and_padding_pairs_by_hand(lm):
+    """objective = sum of Bradley-Terry losses + reward.center * sum (r_chosen + r_rejected)^2 over the
+    real pairs; a padding pair (no weighted token, e.g. filling an eval batch) counts nowhere."""
+    c, model, lm_params = lm
+    reward_model = RewardModel(c.model)
+    config = pt_config.default_config("reward")
+    config.reward.center = 0.5
+    rows = batches.pair_rows(chat.ChatTemplate(BYTE), PAIRS[:3], SEQ_LEN, pad_id=BYTE.pad_id)
+    rows = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in rows.items()}  # a 4th, padding pair
+    head = {"kernel": np.random.default_rng(3).normal(0, 1, (32, 1)).astype(np.float32), "bias": np.float32([0.3])}
+    params = {"transformer": lm_params, "reward_head": head}
+    loss_fn = losses.reward_loss_sums_fn(config, reward_model)
+    flat = lambda x: x.reshape(-1, SEQ_LEN)  # noqa: E731
+    both = jit(lambda p, rows: (loss_fn(p, rows, jax.random.PRNGKey(0), 0),
+                                reward_model.apply({"params": p}, flat(rows["inputs"]), flat(rows["weights"]))))
+    (objective, sums), rewards = both(params, rows)
+    pairs = np.asarray(rewards, np.float64).reshape(-1, 2)[:3]
+    bradley_terry = np.sum(np.log1p(np.exp(-(pairs[:, 0] - pairs[:, 1]))))
+    assert float(sums["loss_sum"]) == pytest.approx(bradley_terry, rel=1e-5)
+    assert float(objective) == pytest.approx(bradley_terry + 0.5 * np.sum((pairs[:, 0] + pairs[:, 1]) ** 2), rel=1e-5)
+    assert float(sums["weight_sum"]) == 3.0
+    assert float(sums["accuracy_sum"]) == np.sum(pairs[:, 0] > pairs[:, 1])
+    assert float(sums["reward_mean_sum"]) == pytest.approx(np.sum(pairs.mean(axis=1)), rel=1e-5, abs=1e-6)
+
+
 # --- the trainer, on 8 fake devices (tests/posttrain_check.py) ------------------------------------
 
 
@@ -262,8 +316,54 @@ def test_dpo_run_resumes_exactly(check):
 
 
 @pytest.mark.slow
+def test_dpo_resumed_run_is_the_uninterrupted_run(check):
+    """Every logged number (evaluations included) and the final parameters, bit for bit."""
+    assert check["trainer"]["resumed"] == check["trainer"]["first"]
+    assert check["trainer"]["max_param_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_ppo_run_resumes_exactly(check):
+    """Step 4's checkpoint deleted (a PPO run killed after step 2): the resumed steps 3 and 4 sample
+    the same responses and get the same rewards, KL, KL coefficient and losses, bit for bit, and end
+    at the same parameters."""
+    resume = check["ppo_resume"]
+    assert resume["saved_steps"] == [2, 4]
+    first = {r["step"]: r for r in resume["first"]}
+    resumed = {r["step"]: r for r in resume["resumed"]}
+    assert sorted(first) == sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == first[step]
+    # The coefficient adapts every step (ppo.kl_target > 0), so only a restored one matches.
+    assert first[3]["kl_coef"] < first[2]["kl_coef"] < first[1]["kl_coef"] == 0.05
+    assert first[3]["policy_loss"] != first[4]["policy_loss"]  # the steps differ: equality is not vacuous
+    assert resume["max_param_diff"] == 0.0
+    summary = resume["summary"]
+    assert summary["completed"] and summary["steps"] == 4
+    assert summary["final"] == {k: v for k, v in first[4].items() if k != "step"}
+
+
+@pytest.mark.slow
 def test_init_from_another_model_is_refused(check):
     assert "holds a different model: model.embed_dim: checkpoint 32, config 64" in check["other_model_error"]
+
+
+@pytest.mark.slow
+def test_wrong_reward_or_init_checkpoints_are_named(check):
+    errors = check["bad_sources"]
+    assert "config.ppo.reward_from=" in errors["reward_of_another_shape"]
+    assert "holds a model of another shape than --init_from" in errors["reward_of_another_shape"]
+    assert "(model.embed_dim: 64 there, 32 here)" in errors["reward_of_another_shape"]
+    assert errors["reward_is_a_language_model"].endswith(
+        "/init holds a language model, not a reward model: point it at the workdir of a --mode=reward run")
+    assert errors["reward_missing"].startswith("FileNotFoundError: config.ppo.reward_from=")
+    assert "/nothing: no checkpoint in" in errors["reward_missing"]
+    assert errors["init_is_a_reward_model"].startswith("ValueError: --init_from=")
+    assert errors["init_is_a_reward_model"].endswith("/reward holds a reward model, not a language model: "
+                                                     "start from a pretraining, SFT or DPO run")
+    assert errors["prompt_too_long"].endswith(
+        "is 10 tokens: with config.ppo.max_new_tokens=20 it does not fit data.seq_len=24")
+    assert errors["workdirs_written"] == []  # every check comes before the first file
 
 
 @pytest.mark.slow
@@ -324,6 +424,27 @@ def test_command_line_names_a_missing_init_checkpoint(tmp_path):
     assert proc.returncode == 1
     assert f"error: --init_from={tmp_path}/nothing: no checkpoint in {tmp_path}/nothing/checkpoints" in proc.stderr
     assert not os.path.exists(f"{tmp_path}/sft")
+
+
+def test_main_runs_the_posttrain_modes(tmp_path):
+    """`python -m lmjax.main --mode=sft ...` is `python -m lmjax.posttrain --mode=sft ...`, errors included."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmjax.main", "--mode=sft", "--config=configs/posttrain/sft.py",
+         f"--init_from={tmp_path}/nothing", f"--workdir={tmp_path}/sft"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert f"error: --init_from={tmp_path}/nothing: no checkpoint in {tmp_path}/nothing/checkpoints" in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_pretraining_config_for_a_posttrain_mode_is_named():
+    from lmjax import config as config_lib
+
+    with pytest.raises(ValueError, match=r"the config has no posttrain, sft, dpo, reward, ppo section: --mode=dpo "
+                                         r"needs a post-training preset, e.g. configs/posttrain/dpo.py"):
+        pt_config.check(config_lib.load("configs/gpt_small.py"), "dpo")
 
 
 # --- PPO's arithmetic --------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ RLHF with PPO, on the pretraining model, mesh, step, checkpoints and batch strea
   reward_model.py  the transformer trunk with a scalar head
   config.py        post-training config sections; model and tokenizer taken from --init_from
   init.py          loading --init_from, growing the vocabulary, the step-0 state
-  trainer.py       the loop: `train(mode, config, init_from, workdir)`
+  loop.py          the run loop every mode shares: resume, checkpoints, metrics, evaluation, summary
+  trainer.py       SFT, DPO and reward-model runs, and `train(mode, config, init_from, workdir)`
   ppo.py           PPO's arithmetic: KL estimators, per-token rewards, GAE, clipped objectives, adaptive KL
   actor_critic.py  PPO's policy + value network as one parameter tree
-  ppo_trainer.py   the PPO loop: rollouts with the KV-cache sampler, scoring, minibatch epochs
+  ppo_trainer.py   the PPO run: rollouts with the KV-cache sampler, scoring, minibatch epochs
   synthetic.py     a checkable synthetic task (sums) for tests and demos
 Command line: `python -m lmjax.posttrain --mode=sft|dpo|reward|ppo ...` (see __main__.py).
 """

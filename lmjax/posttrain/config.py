@@ -69,6 +69,10 @@ def check(config: config_dict.ConfigDict, mode: str) -> None:
     """Post-training keys the pretraining check does not know."""
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
+    missing = [section for section in ("posttrain", *MODES) if section not in config]
+    if missing:
+        raise ValueError(f"the config has no {', '.join(missing)} section: --mode={mode} needs a post-training "
+                         f"preset, e.g. configs/posttrain/{mode}.py")
     if config.dpo.loss not in DPO_LOSSES:
         raise ValueError(f"config.dpo.loss={config.dpo.loss!r} is not valid; choose one of: {', '.join(DPO_LOSSES)}")
     if config.dpo.beta <= 0:
@@ -86,18 +90,18 @@ def check(config: config_dict.ConfigDict, mode: str) -> None:
             raise ValueError(f"config.{key}={config[section][name]} must be >= 0")
 
 
-def init_config(init_from: str, mesh: config_dict.ConfigDict) -> config_dict.ConfigDict:
-    """The config stored with the newest checkpoint of `init_from`, on this run's mesh."""
+def init_config(init_from: str, mesh: config_dict.ConfigDict, flag: str = "--init_from") -> config_dict.ConfigDict:
+    """The config stored with the newest checkpoint of `init_from` (given as `flag`), on this run's mesh."""
     steps = checkpointing.committed_steps(init_from)
     if not steps:
-        raise FileNotFoundError(f"--init_from={init_from}: no checkpoint in {checkpointing.checkpoint_dir(init_from)}")
+        raise FileNotFoundError(f"{flag}={init_from}: no checkpoint in {checkpointing.checkpoint_dir(init_from)}")
     manager = checkpointing.make_manager(init_from, None, read_only=True)
     try:
         saved = checkpointing.saved_config(manager, steps[-1])
     finally:
         manager.close()
     if saved is None:
-        raise ValueError(f"--init_from={init_from}: the config of checkpoint step {steps[-1]} cannot be read")
+        raise ValueError(f"{flag}={init_from}: the config of checkpoint step {steps[-1]} cannot be read")
     config = config_dict.ConfigDict(saved)
     config.mesh = copy.deepcopy(mesh)
     if config.data.tokenizer == "sentencepiece" and not config.data.get("tokenizer_path"):

@@ -5,6 +5,11 @@ The checkpoint is read through `Setup(init_config, init_from).restore`, which ch
 the model its config describes; the parameters land directly on this run's shardings. New
 vocabulary rows (the chat template's special ids) start at the mean of the pretrained rows: an
 "average token", neither random nor zero.
+
+Which kind of model a checkpoint holds (a language model, a reward model, PPO's policy and value
+network) is read from its parameter names in the checkpoint's metadata, without loading arrays,
+so that pointing `--init_from` or `ppo.reward_from` at the wrong run fails with one clear line
+before anything is built, not with orbax's tree mismatch.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from ml_collections import config_dict
 
 from lmjax.model import padded_vocab_size
+from lmjax.train import checkpointing
 from lmjax.train import step as step_lib
 from lmjax.train.state import TrainState
 from lmjax.train.workdir import Setup
@@ -29,6 +36,29 @@ def load_params(source_config: config_dict.ConfigDict, init_from: str) -> Any:
     if restored is None:
         raise FileNotFoundError(f"--init_from={init_from} holds no checkpoint")
     return restored.state.params
+
+
+LANGUAGE_MODEL, REWARD_MODEL, ACTOR_CRITIC = "language model", "reward model", "PPO policy and value network"
+
+
+def model_kind(workdir: str) -> str:
+    """What the newest checkpoint of `workdir` holds: LANGUAGE_MODEL, REWARD_MODEL or ACTOR_CRITIC."""
+    step = checkpointing.committed_steps(workdir)[-1]
+    with ocp.StandardCheckpointer() as reader:
+        metadata = reader.metadata(checkpointing.checkpoint_dir(workdir) / str(step) / "state")
+    names = set(metadata.item_metadata.tree["params"])
+    if names == {"transformer", "reward_head"}:
+        return REWARD_MODEL
+    if names == {"policy", "value"}:
+        return ACTOR_CRITIC
+    return LANGUAGE_MODEL
+
+
+def require_kind(workdir: str, kind: str, flag: str, hint: str) -> None:
+    """A ValueError naming `flag` when the newest checkpoint of `workdir` holds another kind of model."""
+    found = model_kind(workdir)
+    if found != kind:
+        raise ValueError(f"{flag}={workdir} holds a {found}, not a {kind}: {hint}")
 
 
 def grow_vocab(params: Any, vocab_size: int) -> Any:

@@ -10,7 +10,11 @@ the reward model's score; per-token rewards are the score at the last token minu
 `ppo.epochs` passes of `ppo.minibatches` updates apply the clipped policy and value losses through
 `lmjax.train.step.make_train_step` (same sharding rules, donation, microbatches). The KL (k1 and
 k3 estimators, per response) and the coefficient (fixed, or adaptive with `ppo.kl_target`) are
-logged every step. The value network starts as the reward model of `ppo.reward_from`.
+logged with the losses. The value network starts as the reward model of `ppo.reward_from`.
+
+The loop around the step (checkpoints, resume, metrics, summary) is the one every mode shares
+(loop.py); a checkpoint also keeps the KL coefficient, and a step's samples and minibatch order
+depend only on the seed and the step, so a resumed run repeats the uninterrupted one exactly.
 
 Rollouts run on one host: every process would sample the same whole batch (multi-host PPO is untested).
 """
@@ -18,7 +22,6 @@ Rollouts run on one host: every process would sample the same whole batch (multi
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any
 
 import jax
@@ -26,16 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 
-from lmjax import cli, model, sharding
 from lmjax import config as config_lib
-from lmjax.posttrain import batches, dataset, ppo
+from lmjax import model, sharding
+from lmjax.posttrain import batches, dataset, loop, ppo
 from lmjax.posttrain import config as pt_config
 from lmjax.posttrain import init as init_lib
 from lmjax.posttrain.actor_critic import ActorCritic
-from lmjax.posttrain.chat import ChatTemplate
 from lmjax.posttrain.losses import token_logps
 from lmjax.posttrain.reward_model import RewardModel
-from lmjax.train import checkpointing, metrics, preemption
+from lmjax.train import checkpointing
 from lmjax.train import step as step_lib
 from lmjax.train.workdir import Setup
 
@@ -87,18 +89,15 @@ def rollout_rows(prompts: list[list[int]], responses: list[list[int]], end_id: i
     return out
 
 
-class PPORun:
-    """One run. `__init__` reads and checks everything and writes nothing; `run()` trains."""
+class PPORun(loop.Run):
+    """One PPO run. `__init__` reads and checks everything and writes nothing; `run()` trains."""
+
+    logged = (*ROLLOUT_METRICS, "kl_coef", *UPDATE_METRICS)
 
     def __init__(self, config: config_dict.ConfigDict, init_from: str, workdir: str):
-        self.wall_start = time.time()
-        pt_config.check(config, "ppo")
-        self.init_from, self.workdir = init_from, workdir
-        config, self.source_config = pt_config.from_init(config, init_from)
-        self.setup = setup = Setup(config, workdir)
-        self.config = config = setup.config
+        super().__init__("ppo", config, init_from, workdir)
+        setup, config = self.setup, self.config
         p = config.ppo
-        self.total = int(config.train.steps)
         self.updates_per_step = int(p.epochs) * int(p.minibatches)
         # The optimizer sees minibatches: its schedule counts updates, its batch is one minibatch.
         self.update_config = update_config = copy.deepcopy(config)
@@ -108,17 +107,22 @@ class PPORun:
         setup.model = ActorCritic(config.model)
         setup.abstract_state, setup.state_shardings = step_lib.abstract_train_state(update_config, setup.model, setup.mesh)
         self.policy = model.Transformer(config.model)
-        self.reward_config = pt_config.init_config(p.reward_from, config.mesh)
+        self.reward_config = pt_config.init_config(p.reward_from, config.mesh, "config.ppo.reward_from")
+        init_lib.require_kind(p.reward_from, init_lib.REWARD_MODEL, "config.ppo.reward_from",
+                              "point it at the workdir of a --mode=reward run")
         shape = lambda c: {k: v for k, v in config_lib.to_json(c)["model"].items()  # noqa: E731
                            if k not in config_lib.RUNTIME_MODEL_KEYS}
-        if shape(self.reward_config) != shape(config):
+        reward_shape, policy_shape = shape(self.reward_config), shape(config)
+        diffs = [f"model.{k}: {reward_shape.get(k)!r} there, {v!r} here" for k, v in policy_shape.items()
+                 if reward_shape.get(k) != v]
+        if diffs:
             raise ValueError(f"config.ppo.reward_from={p.reward_from} holds a model of another shape than --init_from "
-                             f"({init_from}): the value network starts from it, so they must match")
+                             f"({init_from}): the value network starts from it, so they must match ("
+                             + "; ".join(diffs) + ")")
         self.reward_setup = Setup(self.reward_config, p.reward_from)
         self.reward_setup.model = RewardModel(self.reward_config.model)
         self.reward_setup.abstract_state, self.reward_setup.state_shardings = step_lib.abstract_train_state(
             self.reward_config, self.reward_setup.model, setup.mesh)
-        self.template = ChatTemplate(setup.tokenizer)
         seq_len = int(config.data.seq_len)
         self.prompts = [self.template.prompt_ids(ex["prompt"])
                         for ex in dataset.read_jsonl(config.posttrain.train_file, "prompts")]
@@ -133,7 +137,7 @@ class PPORun:
             raise ValueError(f"PPO updates on minibatches of config.train.batch_size={config.train.batch_size} / "
                              f"config.ppo.minibatches={p.minibatches} rollouts; {e}") from None
         self.rollout_stats = self._make_rollout_stats()
-        self.last_log: dict = {}
+        self.kl = ppo.AdaptiveKLController(float(p.kl_coef), float(p.kl_target), int(p.kl_horizon))
 
     def _make_rollout_stats(self):
         """One jitted pass over the rollouts: log-probs, values, scores, rewards, GAE, KL."""
@@ -164,79 +168,48 @@ class PPORun:
         return jax.jit(stats, in_shardings=(shardings, shardings["policy"], self.reward_setup.state_shardings.params,
                                             sharding.batch_sharding(setup.mesh, setup.rules), None))
 
-    def run(self) -> dict:
-        setup, config, p = self.setup, self.config, self.config.ppo
-        restored = setup.restore(read_only=False)
-        pretrained = init_lib.load_params(self.source_config, self.init_from)  # the reference, always
-        reference = jax.jit(lambda params: init_lib.grow_vocab(params, model.padded_vocab_size(config.model)),
-                            out_shardings=setup.state_shardings.params["policy"])(pretrained)
-        reward_params = self.reward_setup.restore(read_only=True).state.params
-        rows = len(self.prompts)
-        stream = batches.make_stream({"prompt_index": np.arange(rows)[:, None], "weights": np.ones((rows, 1))}, 1,
-                                     int(config.train.batch_size), (0, int(config.train.batch_size)),
-                                     seed=int(config.train.seed), shuffle=bool(config.posttrain.shuffle))
-        kl = ppo.AdaptiveKLController(float(p.kl_coef), float(p.kl_target), int(p.kl_horizon))
-        if restored is not None:
-            state, step = restored.state, restored.step
-            stream.set_state(restored.data_state["pipeline"])
-            kl.coef = float(restored.data_state["kl_coef"])
-            previous_wall = float(restored.data_state.get("wall_time_s", 0.0))
-            print(f"resumed from checkpoint step {step} in {self.workdir}", flush=True)
-        else:
-            state = init_lib.initial_state(self.update_config, setup.model, setup.mesh, setup.state_shardings,
-                                           (pretrained, reward_params), subtree=("policy", "value"))
-            step, previous_wall = 0, 0.0
-        self.state = state
-        if step >= self.total:
-            print(f"{self.workdir} is already trained to step {step} (train.steps={self.total}); nothing to do")
-            return metrics.read_summary(self.workdir) or {}
-        manager = checkpointing.make_manager(self.workdir, config.checkpoint)
-        writer = metrics.MetricsWriter(self.workdir, step, enabled=jax.process_index() == 0)
-        wall = lambda: previous_wall + time.time() - self.wall_start  # noqa: E731
-        print(f"{config.name} (ppo) from {self.init_from}, rewards from {p.reward_from}: {rows} prompts, "
-              f"steps {step}->{self.total}, {self.updates_per_step} updates per step", flush=True)
-        with preemption.stop_on_sigterm() as sigterm:
-            while step < self.total:
-                state, record = self._step(state, step, next(stream)["prompt_index"][:, 0], reference,
-                                           reward_params, kl)
-                step += 1
-                if step % config.train.log_every == 0 or step in (1, self.total):
-                    writer.write(step, record)
-                    print(f"step {step}/{self.total} | " + " | ".join(f"{k} {v:.4g}" for k, v in record.items()),
-                          flush=True)
-                self.last_log = record
-                stop = preemption.preempted(sigterm, step)
-                if stop or step % config.checkpoint.every_steps == 0 or step == self.total:
-                    checkpointing.save(manager, step, state, config=config_lib.to_json(config), data_state={
-                        "pipeline": stream.get_state(), "kl_coef": kl.coef, "wall_time_s": wall()})
-                if stop:
-                    print(f"SIGTERM: saved a checkpoint at step {step}; exiting", flush=True)
-                    break
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-        summary = {"name": config.name, "mode": "ppo", "init_from": self.init_from, "reward_from": p.reward_from,
-                   "steps": step, "completed": step >= self.total, "wall_time_s": wall(), "final": self.last_log,
-                   "config": config_lib.to_json(config)}
-        if jax.process_index() == 0:
-            metrics.write_summary(self.workdir, summary)
-            print(f"done: {step} steps in {metrics.format_duration(wall())}", flush=True)
-        self.state = state
-        return summary
+    # --- the mode's part of the loop (lmjax.posttrain.loop) --------------------------------------
 
-    def _step(self, state, step: int, prompt_index: np.ndarray, reference, reward_params, kl):
+    def _start(self, restored: checkpointing.Restored | None) -> Any:
+        setup, config = self.setup, self.config
+        pretrained = init_lib.load_params(self.source_config, self.init_from)  # the reference, always
+        self.reference = jax.jit(lambda params: init_lib.grow_vocab(params, model.padded_vocab_size(config.model)),
+                                 out_shardings=setup.state_shardings.params["policy"])(pretrained)
+        self.reward_params = self.reward_setup.restore(read_only=True).state.params
+        rows = len(self.prompts)
+        self.stream = batches.make_stream({"prompt_index": np.arange(rows)[:, None], "weights": np.ones((rows, 1))}, 1,
+                                          int(config.train.batch_size), (0, int(config.train.batch_size)),
+                                          seed=int(config.train.seed), shuffle=bool(config.posttrain.shuffle))
+        if restored is not None:
+            self.kl.coef = float(restored.data_state["kl_coef"])
+            return None
+        return init_lib.initial_state(self.update_config, setup.model, setup.mesh, setup.state_shardings,
+                                      (pretrained, self.reward_params), subtree=("policy", "value"))
+
+    def _data_state(self) -> dict:
+        return {"kl_coef": self.kl.coef}
+
+    def _describe(self, step: int) -> str:
+        return (f"{self.config.name} (ppo) from {self.init_from}, rewards from {self.config.ppo.reward_from}: "
+                f"{len(self.prompts)} prompts, steps {step}->{self.total}, {self.updates_per_step} updates per step")
+
+    def _summary_extra(self) -> dict:
+        return {"reward_from": self.config.ppo.reward_from}
+
+    def _step(self, state: Any, step: int) -> tuple[Any, dict]:
         """One PPO step: sample, score, then epochs x minibatches updates. Returns (state, record)."""
         config, p, setup = self.config, self.config.ppo, self.setup
-        prompts = [self.prompts[i] for i in prompt_index]
+        prompts = [self.prompts[i] for i in next(self.stream)["prompt_index"][:, 0]]
         key = jax.random.fold_in(jax.random.key(int(config.train.seed)), step)
         responses = model.generate(config.model, state.params["policy"], prompts, int(p.max_new_tokens),
                                    temperature=float(p.temperature), rng=key, eos_id=self.template.end_id)
         rows = rollout_rows(prompts, responses, self.template.end_id, int(p.max_new_tokens),
                             int(config.data.seq_len), setup.tokenizer.pad_id)
         batch = sharding.shard_batch(rows, setup.mesh, setup.rules)
-        stats = jax.device_get(self.rollout_stats(state.params, reference, reward_params, batch, jnp.float32(kl.coef)))
+        stats = jax.device_get(self.rollout_stats(state.params, self.reference, self.reward_params, batch,
+                                                  jnp.float32(self.kl.coef)))
         record = {name: float(np.mean(stats[name])) for name in ROLLOUT_METRICS}
-        record["kl_coef"] = kl.coef
+        record["kl_coef"] = self.kl.coef
         data = {**rows, **{k: stats[k] for k in ("old_logps", "old_values", "advantages", "returns")}}
         order_rng = np.random.default_rng([int(config.train.seed), step])
         totals: dict[str, float] = {}
@@ -244,14 +217,13 @@ class PPORun:
             for minibatch in np.array_split(order_rng.permutation(len(prompts)), int(p.minibatches)):
                 part = sharding.shard_batch({k: v[minibatch] for k, v in data.items()}, setup.mesh, setup.rules)
                 state, step_metrics = self.train_step(state, part)
+                self._check_finite(step_metrics, step + 1)  # every update: a NaN must not feed the next one
                 for name in UPDATE_METRICS:
                     totals[name] = totals.get(name, 0.0) + float(step_metrics[name]) / self.updates_per_step
-                if not bool(step_metrics["is_finite"]):
-                    raise cli.UserError(f"the PPO loss became NaN/inf at step {step + 1}; stopping without saving it")
         record.update(totals)
         if p.kl_target > 0:
-            kl.update(record["kl_k1"], len(prompts))
-        return state, record
+            self.kl.update(record["kl_k1"], len(prompts))
+        return state, {**record, "is_finite": True}
 
 
 def train(config: config_dict.ConfigDict, init_from: str, workdir: str) -> dict:

@@ -1,12 +1,11 @@
-"""The post-training loop: `train(mode, config, init_from, workdir)` runs SFT, DPO or reward-model
-training from the checkpoint in `init_from`, or resumes it.
+"""SFT, DPO and reward-model training: `train(mode, config, init_from, workdir)` runs any mode
+(PPO included, through ppo_trainer.py) from the checkpoint in `init_from`, or resumes it.
 
 It is the pretraining machinery with other rows and another loss: the workdir is opened with
 `Setup` (checked config, tokenizer, mesh, sharded abstract state), the step is
 `lmjax.train.step.make_train_step` (same sharding rules, microbatches, donation) given a
-post-training loss, batches come from the same resumable stream, and checkpoints, metrics.jsonl,
-TensorBoard and summary.json are written as in pretraining. A resumed run restores the state and
-the data position and continues exactly.
+post-training loss, batches come from the same resumable stream, and the loop that checkpoints,
+resumes, logs and evaluates is the one every post-training mode shares (loop.py).
 
 DPO's reference is the model of `init_from`: the reference log-probs of every train and eval pair
 are computed once, before the first step (and again, identically, on resume), and ride along in
@@ -15,45 +14,35 @@ the batches; the reference parameters are not kept in memory during training.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import jax
 import numpy as np
 from ml_collections import config_dict
 
-from lmjax import cli, model, sharding
-from lmjax import config as config_lib
-from lmjax.posttrain import batches, dataset, losses
-from lmjax.posttrain import config as pt_config
+from lmjax import model, sharding
+from lmjax.posttrain import batches, dataset, loop, losses
 from lmjax.posttrain import init as init_lib
-from lmjax.posttrain.chat import ChatTemplate
 from lmjax.posttrain.reward_model import RewardModel
-from lmjax.train import checkpointing, metrics, preemption
+from lmjax.train import checkpointing, metrics
 from lmjax.train import step as step_lib
-from lmjax.train.workdir import Setup
 
 LOGGED = ("loss", "lr", "grad_norm", "accuracy", "reward_margin", "chosen_reward", "rejected_reward", "reward_mean")
 
 
-class PosttrainRun:
-    """One run. `__init__` reads and checks everything and writes nothing; `run()` trains."""
+class PosttrainRun(loop.Run):
+    """One SFT, DPO or reward-model run. `__init__` reads and checks everything and writes nothing; `run()` trains."""
+
+    logged = LOGGED
 
     def __init__(self, mode: str, config: config_dict.ConfigDict, init_from: str, workdir: str):
-        self.wall_start = time.time()
-        pt_config.check(config, mode)
         if mode == "ppo":
             raise ValueError("PPO runs through lmjax.posttrain.ppo_trainer.PPORun (or train('ppo', ...))")
-        self.mode, self.init_from, self.workdir = mode, init_from, workdir
-        config, self.source_config = pt_config.from_init(config, init_from)
-        self.setup = setup = Setup(config, workdir)
-        self.config = config = setup.config
+        super().__init__(mode, config, init_from, workdir)
+        setup, config = self.setup, self.config
         if mode == "reward":
             setup.model = RewardModel(config.model)
             setup.abstract_state, setup.state_shardings = step_lib.abstract_train_state(config, setup.model, setup.mesh)
-        self.template = ChatTemplate(setup.tokenizer)
-        self.is_main = jax.process_index() == 0
-        self.total = int(config.train.steps)
         self.rows = self._rows(config.posttrain.train_file)
         self.eval_rows = self._rows(config.posttrain.eval_file) if config.posttrain.eval_file else None
         loss_fn = {
@@ -67,7 +56,6 @@ class PosttrainRun:
             in_shardings=(setup.state_shardings.params, sharding.batch_sharding(setup.mesh, setup.rules)),
             out_shardings=sharding.replicated(setup.mesh),
         )
-        self.last_log: dict = {}
         self.last_eval: dict = {}
         self.samples: list[str] = []
 
@@ -80,75 +68,43 @@ class PosttrainRun:
                                     pack=bool(self.config.sft.packing))
         return batches.pair_rows(self.template, dataset.read_jsonl(path, "pairs"), seq_len, pad_id=pad_id)
 
-    # --- the loop --------------------------------------------------------------------------------
+    # --- the mode's part of the loop (lmjax.posttrain.loop) --------------------------------------
 
-    def run(self) -> dict:
+    def _start(self, restored: checkpointing.Restored | None) -> Any:
         setup, config = self.setup, self.config
-        restored = setup.restore(read_only=False)
-        pretrained = None
+        state = None
         if restored is None or self.mode == "dpo":
             pretrained = init_lib.load_params(self.source_config, self.init_from)
-        if self.mode == "dpo":
-            reference = init_lib.initial_state(config, setup.model, setup.mesh, setup.state_shardings, pretrained)
+            subtree = "transformer" if self.mode == "reward" else None
+            state = init_lib.initial_state(config, setup.model, setup.mesh, setup.state_shardings, pretrained, subtree)
+        if self.mode == "dpo":  # the step-0 model is the reference, also when resuming
             for rows in (self.rows, self.eval_rows):
                 if rows is not None:
-                    rows["ref_logps"] = self._pair_logps(reference.params, rows)
-            if restored is not None:
-                del reference
-        stream = batches.make_stream(self.rows, int(config.data.seq_len), int(config.train.batch_size),
-                                     setup.batch_rows(config.train.batch_size), seed=int(config.train.seed),
-                                     shuffle=bool(config.posttrain.shuffle))
-        if restored is not None:
-            state, step = restored.state, restored.step
-            stream.set_state(restored.data_state["pipeline"])
-            previous_wall = float(restored.data_state.get("wall_time_s", 0.0))
-            print(f"resumed from checkpoint step {step} in {self.workdir}", flush=True)
-        else:
-            subtree = "transformer" if self.mode == "reward" else None
-            state = (reference if self.mode == "dpo" else
-                     init_lib.initial_state(config, setup.model, setup.mesh, setup.state_shardings, pretrained, subtree))
-            step, previous_wall = 0, 0.0
-        self.state = state
-        if step >= self.total:
-            print(f"{self.workdir} is already trained to step {step} (train.steps={self.total}); nothing to do")
-            return metrics.read_summary(self.workdir) or {}
-        manager = checkpointing.make_manager(self.workdir, config.checkpoint)
-        writer = metrics.MetricsWriter(self.workdir, step, enabled=self.is_main)
-        if self.is_main:
-            print(f"{config.name} ({self.mode}) from {self.init_from}: {model.param_count(config.model):,} parameters, "
-                  f"{stream.rows_per_epoch} rows, steps {step}->{self.total}, {len(jax.devices())} device(s)", flush=True)
-        if step == 0 and self.eval_rows is not None:
-            self._log(0, state, None, writer, evaluate=True)
-        wall = lambda: previous_wall + time.time() - self.wall_start  # noqa: E731
-        with preemption.stop_on_sigterm() as sigterm:
-            while step < self.total:
-                batch = sharding.shard_batch(next(stream), setup.mesh, setup.rules)
-                state, step_metrics = self.train_step(state, batch)
-                step += 1
-                evaluate = self.eval_rows is not None and (step % config.eval.every_steps == 0 or step == self.total)
-                if evaluate or step % config.train.log_every == 0 or step == self.total or step == 1:
-                    self._log(step, state, step_metrics, writer, evaluate)
-                stop = preemption.preempted(sigterm, step)
-                if stop or step % config.checkpoint.every_steps == 0 or step == self.total:
-                    self._check_finite(step_metrics, step)
-                    checkpointing.save(manager, step, state, config=config_lib.to_json(config),
-                                       data_state={"pipeline": stream.get_state(), "wall_time_s": wall()})
-                if stop:
-                    print(f"SIGTERM: saved a checkpoint at step {step}; exiting", flush=True)
-                    break
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-        summary = {
-            "name": config.name, "mode": self.mode, "init_from": self.init_from, "steps": step,
-            "completed": step >= self.total, "wall_time_s": wall(), "final": self.last_log,
-            "final_eval": self.last_eval, "samples": self.samples, "config": config_lib.to_json(config),
-        }
-        if self.is_main:
-            metrics.write_summary(self.workdir, summary)
-            print(f"done: {step} steps in {metrics.format_duration(wall())}", flush=True)
-        self.state = state
-        return summary
+                    rows["ref_logps"] = self._pair_logps(state.params, rows)
+        self.stream = batches.make_stream(self.rows, int(config.data.seq_len), int(config.train.batch_size),
+                                          setup.batch_rows(config.train.batch_size), seed=int(config.train.seed),
+                                          shuffle=bool(config.posttrain.shuffle))
+        return state if restored is None else None
+
+    def _step(self, state: Any, step: int) -> tuple[Any, dict]:
+        return self.train_step(state, sharding.shard_batch(next(self.stream), self.setup.mesh, self.setup.rules))
+
+    def _evaluate_due(self, step: int) -> bool:
+        return self.eval_rows is not None and (step % self.config.eval.every_steps == 0 or step == self.total)
+
+    def _evaluation(self, state: Any, step: int, writer: metrics.MetricsWriter) -> dict[str, float]:
+        self.last_eval = self.evaluate(state.params)
+        if self.mode != "reward" and self.config.eval.num_samples:
+            self.samples = self._samples(state.params, step, writer)
+        return self.last_eval
+
+    def _describe(self, step: int) -> str:
+        return (f"{self.config.name} ({self.mode}) from {self.init_from}: {model.param_count(self.config.model):,} "
+                f"parameters, {self.stream.rows_per_epoch} rows, steps {step}->{self.total}, "
+                f"{len(jax.devices())} device(s)")
+
+    def _summary_extra(self) -> dict:
+        return {"final_eval": self.last_eval, "samples": self.samples}
 
     # --- its pieces ------------------------------------------------------------------------------
 
@@ -184,23 +140,6 @@ class PosttrainRun:
         totals.pop("z_sum", None)
         return {f"val_{key.removesuffix('_sum')}": value / weight for key, value in totals.items()}
 
-    def _log(self, step: int, state: Any, step_metrics: dict | None, writer: metrics.MetricsWriter,
-             evaluate: bool) -> None:
-        record = {}
-        if step_metrics is not None:
-            self._check_finite(step_metrics, step)
-            record = {k: float(step_metrics[k]) for k in LOGGED if k in step_metrics}
-        if evaluate:
-            self.last_eval = self.evaluate(state.params)
-            record.update(self.last_eval)
-            if self.mode != "reward" and self.config.eval.num_samples:
-                self.samples = self._samples(state.params, step, writer)
-        writer.write(step, record)
-        if self.is_main:
-            print(f"step {step}/{self.total} | " + " | ".join(f"{k} {v:.4g}" for k, v in record.items()), flush=True)
-        if step_metrics is not None:
-            self.last_log = record
-
     def _samples(self, params: Any, step: int, writer: metrics.MetricsWriter) -> list[str]:
         """Greedy (by default) answers to the first `eval.num_samples` prompts of the eval file."""
         path = self.config.posttrain.eval_file
@@ -215,11 +154,6 @@ class PosttrainRun:
             if self.is_main:
                 print(f"--- sample {i} at step {step}: {text}", flush=True)
         return texts
-
-    def _check_finite(self, step_metrics: dict, step: int) -> None:
-        if not bool(step_metrics["is_finite"]):
-            raise cli.UserError(f"the {self.mode} loss became NaN/inf at step {step}; stopping without saving it. "
-                                "Lower optim.lr or set optim.clip.")
 
 
 def train(mode: str, config: config_dict.ConfigDict, init_from: str, workdir: str) -> dict:
