@@ -1,0 +1,189 @@
+"""Few-shot accuracy as a function of k: models of three sizes, each trained on the same tokens, asked
+to look up keys of random mappings that only the k demonstrations of their prompt give.
+
+    python -m benchmarks.icl_kshot [--steps=800] [--seeds=8] [--out=benchmarks/results/icl]   (from the repo root)
+
+Training corpus (seeded, in a temporary directory): `lmjax.evals.induction.key_value_episode`
+documents, each a mapping of its own of 1-8 letter keys to digits written as items `Fq3` (instance
+letter, key, value), so beyond guessing a digit the only thing to learn is in-context lookup.
+Every size trains with `lmjax.train.trainer` on the same batches for the same steps (same tokens).
+Evaluation: `key_value_fewshot_task` with a fresh mapping per seed (4 keys, 16 instances each) at
+k = 0, 1, 2, 4, 8, 12 shots through `lmjax.evals.harness`, beside the ceiling of a perfect in-context
+learner on the same prompts (`key_shown`) and chance (1 / 10). Writes kshot_accuracy.png,
+kshot.json and KSHOT.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from lmjax import config as config_lib
+from lmjax.evals import harness, induction
+from lmjax.train import trainer
+
+SIZES = {  # name: (layers, width, heads)
+    "2L d32": (2, 32, 2),
+    "2L d64": (2, 64, 4),
+    "4L d128": (4, 128, 4),
+}
+SHOTS = (0, 1, 2, 4, 8, 12)
+NUM_KEYS, INSTANCES, NUM_VALUES = 4, 16, 10
+SEQ_LEN = 64
+
+
+def write_corpus(path: str, num_docs: int, max_keys: int, seed: int) -> None:
+    """Documents of 15 items (4 characters each with the separator: with EOS, about one training sequence)."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(num_docs):
+            text = induction.key_value_episode(rng, 15, max_keys=max_keys, num_values=NUM_VALUES)
+            f.write(json.dumps({"text": text}) + "\n")
+
+
+def run_config(corpus: str, cache: str, size: str, steps: int, lr: float) -> config_lib.config_dict.ConfigDict:
+    layers, width, heads = SIZES[size]
+    c = config_lib.default_config()
+    c.name = "icl_kshot"
+    c.data.update(source=f"text:{corpus}", tokenizer="char", seq_len=SEQ_LEN, cache_dir=cache, val_fraction=0.01)
+    c.model.update(num_layers=layers, embed_dim=width, num_heads=heads, num_kv_heads=heads, max_len=SEQ_LEN,
+                   position="rope")
+    c.train.update(steps=steps, batch_size=32, log_every=max(1, steps // 10))
+    c.optim.update(lr=lr, warmup_steps=min(100, steps // 10), weight_decay=0.0)
+    c.checkpoint.update(every_steps=steps, max_to_keep=1, async_save=False)
+    c.eval.update(every_steps=steps, steps=2, num_samples=0)
+    return c
+
+
+def ceiling(task, k: int, seed: int) -> float:
+    """The accuracy of a perfect in-context learner on the harness's k-shot prompts of `task`."""
+    shown = np.array([induction.key_shown(task, i, k, seed) for i in range(len(task.examples))])
+    return float(np.mean(shown + (1 - shown) / NUM_VALUES))
+
+
+def evaluate(workdir: str, seeds: int) -> dict[str, dict[str, float]]:
+    """{k: mean and spread over seeds of accuracy, exact match and the answer's log-probability}."""
+    scorer = harness.open_scorer(workdir, batch_size=64)
+    per_seed = []
+    for seed in range(seeds):
+        task = induction.key_value_fewshot_task(NUM_KEYS, INSTANCES, num_values=NUM_VALUES, seed=1000 + seed)
+        per_seed.append(harness.evaluate(scorer, [task], SHOTS, seed=seed)[task.name])
+    out = {}
+    for k in map(str, SHOTS):
+        rows = [r[k] for r in per_seed]
+        out[k] = {name: float(np.mean([r[key] for r in rows])) for name, key in
+                  (("accuracy", "multiple_choice_grade"), ("exact", "exact_str_match"), ("logprob", "target_logprob"))}
+        out[k]["accuracy_sd"] = float(np.std([r["multiple_choice_grade"] for r in rows]))
+        out[k]["truncated"] = int(sum(r["truncated_prompts"] for r in rows))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--docs", type=int, default=30_000)
+    parser.add_argument("--max_keys", type=int, default=8, help="keys per training episode: 1 to this")
+    parser.add_argument("--seeds", type=int, default=8, help="fresh mappings evaluated per k")
+    parser.add_argument("--sizes", default=",".join(SIZES))
+    parser.add_argument("--out", default="benchmarks/results/icl")
+    parser.add_argument("--rewrite", action="store_true", help="only redraw the plot and table from kshot.json")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.rewrite:
+        with open(os.path.join(args.out, "kshot.json")) as f:
+            write_report(json.load(f), args.out)
+        return
+    sizes = args.sizes.split(",")
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        parser.error(f"--sizes: unknown size(s) {unknown}; choose from {list(SIZES)}")
+    start = time.time()
+    tasks = [induction.key_value_fewshot_task(NUM_KEYS, INSTANCES, num_values=NUM_VALUES, seed=1000 + s)
+             for s in range(args.seeds)]
+    results: dict = {"args": vars(args), "ceiling": {
+        str(k): float(np.mean([ceiling(t, k, s) for s, t in enumerate(tasks)])) for k in SHOTS}, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "key_value.jsonl")
+        write_corpus(corpus, args.docs, args.max_keys, seed=0)
+        for size in sizes:
+            workdir = os.path.join(tmp, size.replace(" ", "_"))
+            summary = trainer.train(run_config(corpus, os.path.join(tmp, "cache"), size, args.steps, args.lr), workdir)
+            results["runs"][size] = {
+                "params": summary["param_count"], "tokens": summary["tokens_seen"],
+                "train_flops": summary["train_flops"], "final_train_loss": summary["final_train_loss"],
+                "final_val_loss": summary["final_val_loss"], "wall_time_s": summary["wall_time_s"],
+                "by_k": evaluate(workdir, args.seeds),
+            }
+            print(size, json.dumps(results["runs"][size]["by_k"]), flush=True)
+    results["seconds"] = time.time() - start
+    results["platform"] = f"{platform.machine()}, Python {platform.python_version()}"
+    with open(os.path.join(args.out, "kshot.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_report(results, args.out)
+
+
+def plot(results: dict, path: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ks = list(SHOTS)
+    for size, run in results["runs"].items():
+        by_k = run["by_k"]
+        axes[0].errorbar(ks, [by_k[str(k)]["accuracy"] for k in ks], yerr=[by_k[str(k)]["accuracy_sd"] for k in ks],
+                         marker="o", capsize=3, label=size)
+        axes[1].plot(ks, [by_k[str(k)]["logprob"] for k in ks], "o-", label=size)
+    axes[0].plot(ks, [results["ceiling"][str(k)] for k in ks], "k--", label="perfect in-context learner")
+    axes[0].axhline(1 / NUM_VALUES, color="gray", ls=":", label=f"chance (1/{NUM_VALUES})")
+    axes[1].axhline(-np.log(NUM_VALUES), color="gray", ls=":", label=f"uniform guess (-ln {NUM_VALUES})")
+    axes[0].set_ylabel("accuracy (likeliest of the 10 digits)")
+    axes[1].set_ylabel("log p(answer), nats")
+    for ax in axes:
+        ax.set_xlabel("k (demonstrations in the prompt)")
+        ax.set_xticks(ks)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Few-shot lookup of a fresh random mapping ({NUM_KEYS} keys, 10 values)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_report(results: dict, out: str) -> None:
+    plot(results, os.path.join(out, "kshot_accuracy.png"))
+    args = results["args"]
+    header = "| size | params | k | accuracy (sd over seeds) | exact match | log p(answer) | ceiling |\n|---|---:|---:|---:|---:|---:|---:|"
+    rows = []
+    for size, run in results["runs"].items():
+        for k in SHOTS:
+            r = run["by_k"][str(k)]
+            rows.append(f"| {size} | {run['params']:,} | {k} | {r['accuracy']:.3f} ({r['accuracy_sd']:.3f}) | "
+                        f"{r['exact']:.3f} | {r['logprob']:.3f} | {results['ceiling'][str(k)]:.3f} |")
+    training = "\n".join(f"| {size} | {run['final_train_loss']:.3f} | {run['final_val_loss']:.3f} | "
+                         f"{run['train_flops']:.2e} | {run['wall_time_s']:.0f} |" for size, run in results["runs"].items())
+    with open(os.path.join(out, "KSHOT.md"), "w") as f:
+        f.write(f"""# Few-shot accuracy vs k on in-context key->value lookup
+
+`python -m benchmarks.icl_kshot --steps={args['steps']} --lr={args['lr']} --docs={args['docs']} --seeds={args['seeds']}`
+(CPU, {results['platform']}; {results['seconds']:.0f} s in all on a shared machine).
+
+![accuracy vs k](kshot_accuracy.png)
+
+{header}
+{rows and chr(10).join(rows)}
+
+| size | final train loss | final val loss | training FLOPs | training s |
+|---|---:|---:|---:|---:|
+{training}
+""")
+    print(f"wrote {out}/KSHOT.md and {out}/kshot_accuracy.png")
+
+
+if __name__ == "__main__":
+    main()
