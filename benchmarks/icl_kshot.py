@@ -1,10 +1,10 @@
 """Few-shot accuracy as a function of k: models of three sizes, each trained on the same tokens, asked
 to look up keys of random mappings that only the k demonstrations of their prompt give.
 
-    python -m benchmarks.icl_kshot [--steps=800] [--seeds=8] [--out=benchmarks/results/icl]   (from the repo root)
+    python -m benchmarks.icl_kshot [--steps=1000] [--seeds=6] [--out=benchmarks/results/icl]   (from the repo root)
 
 Training corpus (seeded, in a temporary directory): `lmjax.evals.induction.key_value_episode`
-documents, each a mapping of its own of 1-8 letter keys to digits written as items `Fq3` (instance
+documents, each a mapping of its own of 1-6 letter keys to digits written as items `Fq3` (instance
 letter, key, value), so beyond guessing a digit the only thing to learn is in-context lookup.
 Every size trains with `lmjax.train.trainer` on the same batches for the same steps (same tokens).
 Evaluation: `key_value_fewshot_task` with a fresh mapping per seed (4 keys, 16 instances each) at
@@ -35,7 +35,7 @@ from lmjax.train import trainer
 SIZES = {  # name: (layers, width, heads)
     "2L d32": (2, 32, 2),
     "2L d64": (2, 64, 4),
-    "4L d128": (4, 128, 4),
+    "4L d64": (4, 64, 4),
 }
 SHOTS = (0, 1, 2, 4, 8, 12)
 NUM_KEYS, INSTANCES, NUM_VALUES = 4, 16, 10
@@ -65,21 +65,34 @@ def run_config(corpus: str, cache: str, size: str, steps: int, lr: float) -> con
     return c
 
 
-def ceiling(task, k: int, seed: int) -> float:
-    """The accuracy of a perfect in-context learner on the harness's k-shot prompts of `task`."""
-    shown = np.array([induction.key_shown(task, i, k, seed) for i in range(len(task.examples))])
+def ceiling(task, k: int, seed: int, limit: int | None = None) -> float:
+    """The accuracy of a perfect in-context learner on the harness's k-shot prompts of `task` (its
+    first `limit` examples)."""
+    shown = np.array([induction.key_shown(task, i, k, seed) for i in range(len(task.examples))][:limit])
     return float(np.mean(shown + (1 - shown) / NUM_VALUES))
 
 
-def evaluate(workdir: str, seeds: int) -> dict[str, dict[str, float]]:
-    """{k: mean and spread over seeds of accuracy, exact match and the answer's log-probability}."""
-    scorer = harness.open_scorer(workdir, batch_size=64)
+def tasks(seeds: int) -> list:
+    """One task per seed, each a fresh mapping (seeds 1000 + i: no mapping the corpus seed drew on purpose)."""
+    return [induction.key_value_fewshot_task(NUM_KEYS, INSTANCES, num_values=NUM_VALUES, seed=1000 + s)
+            for s in range(seeds)]
+
+
+def ceilings(seeds: int, shots=SHOTS, limit: int | None = None) -> dict[str, float]:
+    """{k: the perfect in-context learner's accuracy}, averaged over the tasks of `seeds` seeds."""
+    return {str(k): float(np.mean([ceiling(t, k, s, limit) for s, t in enumerate(tasks(seeds))])) for k in shots}
+
+
+def evaluate(workdir: str, seeds: int, shots=SHOTS, batch_size: int = 64,
+             limit: int | None = None) -> dict[str, dict[str, float]]:
+    """{k: mean and spread over seeds of accuracy, exact match and the answer's log-probability}
+    on the first `limit` examples of each seed's task (all of them: None)."""
+    scorer = harness.open_scorer(workdir, batch_size=batch_size)
     per_seed = []
-    for seed in range(seeds):
-        task = induction.key_value_fewshot_task(NUM_KEYS, INSTANCES, num_values=NUM_VALUES, seed=1000 + seed)
-        per_seed.append(harness.evaluate(scorer, [task], SHOTS, seed=seed)[task.name])
+    for seed, task in enumerate(tasks(seeds)):
+        per_seed.append(harness.evaluate(scorer, [task], shots, seed=seed, limit=limit)[task.name])
     out = {}
-    for k in map(str, SHOTS):
+    for k in map(str, shots):
         rows = [r[k] for r in per_seed]
         out[k] = {name: float(np.mean([r[key] for r in rows])) for name, key in
                   (("accuracy", "multiple_choice_grade"), ("exact", "exact_str_match"), ("logprob", "target_logprob"))}
@@ -90,11 +103,11 @@ def evaluate(workdir: str, seeds: int) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--docs", type=int, default=30_000)
-    parser.add_argument("--max_keys", type=int, default=8, help="keys per training episode: 1 to this")
-    parser.add_argument("--seeds", type=int, default=8, help="fresh mappings evaluated per k")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--docs", type=int, default=40_000)
+    parser.add_argument("--max_keys", type=int, default=6, help="keys per training episode: 1 to this")
+    parser.add_argument("--seeds", type=int, default=6, help="fresh mappings evaluated per k")
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--out", default="benchmarks/results/icl")
     parser.add_argument("--rewrite", action="store_true", help="only redraw the plot and table from kshot.json")
@@ -109,10 +122,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--sizes: unknown size(s) {unknown}; choose from {list(SIZES)}")
     start = time.time()
-    tasks = [induction.key_value_fewshot_task(NUM_KEYS, INSTANCES, num_values=NUM_VALUES, seed=1000 + s)
-             for s in range(args.seeds)]
-    results: dict = {"args": vars(args), "ceiling": {
-        str(k): float(np.mean([ceiling(t, k, s) for s, t in enumerate(tasks)])) for k in SHOTS}, "runs": {}}
+    results: dict = {"args": vars(args), "ceiling": ceilings(args.seeds), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "key_value.jsonl")
         write_corpus(corpus, args.docs, args.max_keys, seed=0)
@@ -134,14 +144,17 @@ def main() -> None:
 
 
 def plot(results: dict, path: str) -> None:
+    """Accuracy and log p(answer) against k, one line per size, beside the ceiling and chance."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ks = list(SHOTS)
+    ks = sorted(map(int, results["ceiling"]))
     for size, run in results["runs"].items():
         by_k = run["by_k"]
         axes[0].errorbar(ks, [by_k[str(k)]["accuracy"] for k in ks], yerr=[by_k[str(k)]["accuracy_sd"] for k in ks],
                          marker="o", capsize=3, label=size)
         axes[1].plot(ks, [by_k[str(k)]["logprob"] for k in ks], "o-", label=size)
     axes[0].plot(ks, [results["ceiling"][str(k)] for k in ks], "k--", label="perfect in-context learner")
+    shown = [(results["ceiling"][str(k)] - 1 / NUM_VALUES) / (1 - 1 / NUM_VALUES) for k in ks]
+    axes[1].plot(ks, [-(1 - p) * np.log(NUM_VALUES) for p in shown], "k--", label="perfect in-context learner")
     axes[0].axhline(1 / NUM_VALUES, color="gray", ls=":", label=f"chance (1/{NUM_VALUES})")
     axes[1].axhline(-np.log(NUM_VALUES), color="gray", ls=":", label=f"uniform guess (-ln {NUM_VALUES})")
     axes[0].set_ylabel("accuracy (likeliest of the 10 digits)")
@@ -170,8 +183,32 @@ def write_report(results: dict, out: str) -> None:
     with open(os.path.join(out, "KSHOT.md"), "w") as f:
         f.write(f"""# Few-shot accuracy vs k on in-context key->value lookup
 
-`python -m benchmarks.icl_kshot --steps={args['steps']} --lr={args['lr']} --docs={args['docs']} --seeds={args['seeds']}`
+`python -m benchmarks.icl_kshot --steps={args['steps']} --lr={args['lr']} --max_keys={args['max_keys']} --docs={args['docs']} --seeds={args['seeds']}`
 (CPU, {results['platform']}; {results['seconds']:.0f} s in all on a shared machine).
+
+**Design.** Training documents (`lmjax.evals.induction.key_value_episode`, {args['docs']:,} seeded
+documents) each draw a mapping of their own, 1-{args['max_keys']} lowercase letter keys to random
+digits, and write 15 items such as `Fq3`: key `q` in a random uppercase instance `F`, then its
+value. Nothing carries over between documents, so the only way to predict a value is to find an
+earlier item of the same key in the context and copy what followed it; values of a key's first
+item are unpredictable (ln 10). No natural text is mixed in: it would not make lookup more
+learnable, only spend this CPU budget on other things. Every size trains with `lmjax.train.trainer`
+on the same batches for {args['steps']} steps of 32 x 64 tokens (same tokens, not same compute; AdamW at
+peak lr {args['lr']}, cosine, RoPE, char vocabulary).
+
+The test (`lmjax.evals.induction.key_value_fewshot_task`): per seed a fresh random mapping of
+{NUM_KEYS} keys to {NUM_VALUES} digits, asked of {INSTANCES} instances of each key ({NUM_KEYS * INSTANCES} examples,
+{args['seeds']} seeds = {args['seeds'] * NUM_KEYS * INSTANCES} prompts per k). `lmjax.evals.harness` builds the k-shot prompt
+as it does for any task (`Bj4 Kq7 Fq`), with k other examples drawn by its seeded shot selection, which never
+shows the evaluated example nor one with its text; the instances make another example of the
+same key a different text, so a prompt shows the queried key with probability rising in k
+(Chan et al. 2022's few-shot classification with labels assigned per episode). Accuracy is the
+harness's multiple_choice_grade (the likeliest of the 10 digits); exact match is greedy
+generation; log p(answer) the answer's log-probability. The ceiling is a perfect in-context
+learner on the same prompts: right when the prompt shows the key (`key_shown`), 1/10 otherwise.
+Chance is 1/10 (log-prob -ln 10 = {-np.log(NUM_VALUES):.3f}); with only {NUM_KEYS} keys per mapping, a model that
+always says one digit scores a multiple of 1/{NUM_KEYS} on one seed (the share of keys with that value), hence
+the spread at k = 0.
 
 ![accuracy vs k](kshot_accuracy.png)
 
