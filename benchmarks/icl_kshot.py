@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from lmjax import config as config_lib
-from lmjax.evals import harness, induction
+from lmjax.evals import harness, induction, prompts
 from lmjax.train import trainer
 
 SIZES = {  # name: (layers, width, heads)
@@ -83,6 +83,21 @@ def ceilings(seeds: int, shots=SHOTS, limit: int | None = None) -> dict[str, flo
     return {str(k): float(np.mean([ceiling(t, k, s, limit) for s, t in enumerate(tasks(seeds))])) for k in shots}
 
 
+def digit_copier(task, k: int, seed: int) -> float:
+    """The expected accuracy of a model that ignores keys and answers a digit of its prompt's
+    demonstrations drawn at random (a guess at k = 0): the share of demonstrations whose value is the
+    answer. At k = 1 it is the ceiling in expectation, so only k >= 2 tells lookup from copying any digit."""
+    if k == 0:
+        return 1 / NUM_VALUES
+    return float(np.mean([np.mean([task.examples[j].answer == ex.answer
+                                   for j in prompts.shot_indices(task, i, k, seed)])
+                          for i, ex in enumerate(task.examples)]))
+
+
+def digit_copiers(seeds: int, shots=SHOTS) -> dict[str, float]:
+    return {str(k): float(np.mean([digit_copier(t, k, s) for s, t in enumerate(tasks(seeds))])) for k in shots}
+
+
 def evaluate(workdir: str, seeds: int, shots=SHOTS, batch_size: int = 64,
              limit: int | None = None) -> dict[str, dict[str, float]]:
     """{k: mean and spread over seeds of accuracy, exact match and the answer's log-probability}
@@ -115,14 +130,19 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     if args.rewrite:
         with open(os.path.join(args.out, "kshot.json")) as f:
-            write_report(json.load(f), args.out)
+            results = json.load(f)
+        results.setdefault("digit_copier", digit_copiers(results["args"]["seeds"]))
+        with open(os.path.join(args.out, "kshot.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        write_report(results, args.out)
         return
     sizes = args.sizes.split(",")
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         parser.error(f"--sizes: unknown size(s) {unknown}; choose from {list(SIZES)}")
     start = time.time()
-    results: dict = {"args": vars(args), "ceiling": ceilings(args.seeds), "runs": {}}
+    results: dict = {"args": vars(args), "ceiling": ceilings(args.seeds), "digit_copier": digit_copiers(args.seeds),
+                     "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "key_value.jsonl")
         write_corpus(corpus, args.docs, args.max_keys, seed=0)
@@ -153,6 +173,9 @@ def plot(results: dict, path: str) -> None:
                          marker="o", capsize=3, label=size)
         axes[1].plot(ks, [by_k[str(k)]["logprob"] for k in ks], "o-", label=size)
     axes[0].plot(ks, [results["ceiling"][str(k)] for k in ks], "k--", label="perfect in-context learner")
+    if "digit_copier" in results:
+        axes[0].plot(ks, [results["digit_copier"][str(k)] for k in ks], color="gray", ls="-.",
+                     label="copies a random digit of the prompt")
     shown = [(results["ceiling"][str(k)] - 1 / NUM_VALUES) / (1 - 1 / NUM_VALUES) for k in ks]
     axes[1].plot(ks, [-(1 - p) * np.log(NUM_VALUES) for p in shown], "k--", label="perfect in-context learner")
     axes[0].axhline(1 / NUM_VALUES, color="gray", ls=":", label=f"chance (1/{NUM_VALUES})")
@@ -171,13 +194,15 @@ def plot(results: dict, path: str) -> None:
 def write_report(results: dict, out: str) -> None:
     plot(results, os.path.join(out, "kshot_accuracy.png"))
     args = results["args"]
-    header = "| size | params | k | accuracy (sd over seeds) | exact match | log p(answer) | ceiling |\n|---|---:|---:|---:|---:|---:|---:|"
+    header = ("| size | params | k | accuracy (sd over seeds) | exact match | log p(answer) | ceiling | digit copier |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for size, run in results["runs"].items():
         for k in SHOTS:
             r = run["by_k"][str(k)]
             rows.append(f"| {size} | {run['params']:,} | {k} | {r['accuracy']:.3f} ({r['accuracy_sd']:.3f}) | "
-                        f"{r['exact']:.3f} | {r['logprob']:.3f} | {results['ceiling'][str(k)]:.3f} |")
+                        f"{r['exact']:.3f} | {r['logprob']:.3f} | {results['ceiling'][str(k)]:.3f} | "
+                        f"{results['digit_copier'][str(k)]:.3f} |")
     training = "\n".join(f"| {size} | {run['final_train_loss']:.3f} | {run['final_val_loss']:.3f} | "
                          f"{run['train_flops']:.2e} | {run['wall_time_s']:.0f} |" for size, run in results["runs"].items())
     with open(os.path.join(out, "KSHOT.md"), "w") as f:
@@ -206,6 +231,9 @@ same key a different text, so a prompt shows the queried key with probability ri
 harness's multiple_choice_grade (the likeliest of the 10 digits); exact match is greedy
 generation; log p(answer) the answer's log-probability. The ceiling is a perfect in-context
 learner on the same prompts: right when the prompt shows the key (`key_shown`), 1/10 otherwise.
+The digit copier ignores keys and answers a digit of its prompt's demonstrations at random: at
+k = 1 it is the ceiling in expectation over mappings (the one digit shown is right when its key is
+the queried one, and by chance otherwise), so only k >= 2 separates lookup from copying any digit.
 Chance is 1/10 (log-prob -ln 10 = {-np.log(NUM_VALUES):.3f}); with only {NUM_KEYS} keys per mapping, a model that
 always says one digit scores a multiple of 1/{NUM_KEYS} on one seed (the share of keys with that value), hence
 the spread at k = 0.
