@@ -9,8 +9,9 @@ letter, key, value), so beyond guessing a digit the only thing to learn is in-co
 Every size trains with `lmjax.train.trainer` on the same batches for the same steps (same tokens).
 Evaluation: `key_value_fewshot_task` with a fresh mapping per seed (4 keys, 16 instances each) at
 k = 0, 1, 2, 4, 8, 12 shots through `lmjax.evals.harness`, beside the ceiling of a perfect in-context
-learner on the same prompts (`key_shown`) and chance (1 / 10). Writes kshot_accuracy.png,
-kshot.json and KSHOT.md to --out.
+learner on the same prompts (`key_shown`), a model that copies any digit of its prompt, and chance
+(1 / 10). Writes kshot_accuracy.png, kshot.json and KSHOT.md to --out (`--rewrite` redraws them from
+kshot.json, keeping KSHOT.md's hand-written "What it shows" section).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def ceiling(task, k: int, seed: int, limit: int | None = None) -> float:
 
 
 def tasks(seeds: int) -> list:
-    """One task per seed, each a fresh mapping (seeds 1000 + i: no mapping the corpus seed drew on purpose)."""
+    """One task per seed, each a fresh mapping from a generator of its own (never the corpus's)."""
     return [induction.key_value_fewshot_task(NUM_KEYS, INSTANCES, num_values=NUM_VALUES, seed=1000 + s)
             for s in range(seeds)]
 
@@ -191,8 +192,17 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+FINDINGS = "**What it shows**"  # the hand-written section of KSHOT.md, kept when the report is redrawn
+
+
 def write_report(results: dict, out: str) -> None:
     plot(results, os.path.join(out, "kshot_accuracy.png"))
+    path = os.path.join(out, "KSHOT.md")
+    kept = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        kept = "\n" + old[old.index(FINDINGS):] if FINDINGS in old else ""
     args = results["args"]
     header = ("| size | params | k | accuracy (sd over seeds) | exact match | log p(answer) | ceiling | digit copier |\n"
               "|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -205,7 +215,7 @@ def write_report(results: dict, out: str) -> None:
                         f"{results['digit_copier'][str(k)]:.3f} |")
     training = "\n".join(f"| {size} | {run['final_train_loss']:.3f} | {run['final_val_loss']:.3f} | "
                          f"{run['train_flops']:.2e} | {run['wall_time_s']:.0f} |" for size, run in results["runs"].items())
-    with open(os.path.join(out, "KSHOT.md"), "w") as f:
+    with open(path, "w") as f:
         f.write(f"""# Few-shot accuracy vs k on in-context key->value lookup
 
 `python -m benchmarks.icl_kshot --steps={args['steps']} --lr={args['lr']} --max_keys={args['max_keys']} --docs={args['docs']} --seeds={args['seeds']}`
@@ -246,7 +256,7 @@ the spread at k = 0.
 | size | final train loss | final val loss | training FLOPs | training s |
 |---|---:|---:|---:|---:|
 {training}
-""")
+{kept}""")
     print(f"wrote {out}/KSHOT.md and {out}/kshot_accuracy.png")
 
 
