@@ -107,12 +107,13 @@ def test_install_cell_installs_from_the_source_it_is_given(tmp_path, path):
 
 
 @pytest.mark.slow
-def test_evals_notebook_draws_its_three_figures_at_tiny_size(tmp_path, monkeypatch):
+def test_evals_notebook_draws_its_four_figures_at_tiny_size(tmp_path, monkeypatch):
     notebook = execute(EVALS_NOTEBOOK, monkeypatch, {"LMJAX_NOTEBOOK_TINY": "1", "LMJAX_NOTEBOOK_WORKDIR": str(tmp_path)})
     figures = figure_cells(notebook)
-    assert len(figures) == 3, [cell.source[:60] for cell in figures]
+    assert len(figures) == 4, [cell.source[:60] for cell in figures]
     text = "".join(o.get("text", "") for cell in figures for o in cell.outputs if o.get("output_type") == "stream")
     assert "induction score" in text and "exact" in text and "free-running" in text
+    assert "k= 2: accuracy" in text and "(ceiling " in text  # the k-shot curve, every k evaluated
     # every checkpoint of the two checkpointed runs was measured, and every answer digit of the third
     assert text.count("step ") >= 2 and "t= 9:" in text
     assert (tmp_path / "arithmetic" / "evals" / "8.json").exists()

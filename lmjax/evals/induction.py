@@ -1,4 +1,4 @@
-"""In-context learning: the induction score of a model over training, and a key->value task whose answers
+"""In-context learning: the induction score of a model over training, and key->value tasks whose answers
 are given only in the prompt.
 
 The induction score (Olsson et al. 2022, "In-context Learning and Induction Heads") is measured on
@@ -13,6 +13,15 @@ strongly negative (down to -early_loss) once the model copies. Olsson et al. rep
 500th token minus the 50th on natural text; on repeated random tokens the same quantity isolates
 copying. Sequences start with EOS, as training documents do, and draw only ordinary tokens (ids
 whose text is at least one byte).
+
+Few-shot lookup (Chan et al. 2022's few-shot classification with labels assigned at random per
+episode, written as text): the item `Fq3` says that key `q`, in its instance `F`, has value `3`.
+Keys are lowercase letters, instances uppercase ones, so two examples of one key differ in text
+while the value still follows its key directly, as an induction head copies. A k-shot prompt
+(`prompts.prompt`) shows k other examples of one random mapping, never the evaluated example nor
+one with its text, and helps only when one of them is another instance of the queried key: the
+mapping is given nowhere but in the prompt. `key_value_episode` writes training documents in the
+same format, each with a mapping of its own.
 """
 
 from __future__ import annotations
@@ -28,10 +37,13 @@ import numpy as np
 from ml_collections import FrozenConfigDict, config_dict
 
 from lmjax import data
+from lmjax.evals import prompts
 from lmjax.evals.tasks import EXACT_MATCH, MULTIPLE_CHOICE, Example, Task
 from lmjax.model import Transformer
 from lmjax.train import checkpointing
 from lmjax.train import workdir as workdir_lib
+
+LETTERS = np.array(list(string.ascii_lowercase))
 
 
 def repeated_sequences(tokenizer: data.Tokenizer, num_sequences: int, half_length: int, seed: int = 0) -> np.ndarray:
@@ -112,3 +124,56 @@ def key_value_task(num_examples: int, num_pairs: int, *, num_keys: int = 26, num
         input_prefix="", output_prefix="", separator="\n", append_choices=False, stop_strings=(" ", "\n"),
         max_new_tokens=2,
     )
+
+
+LOOKUP_SEPARATOR = " "  # between items, in training documents and k-shot prompts alike
+
+
+def lookup_query(key: str, instance: str) -> str:
+    """An item up to its value: instance letter (uppercase), then key letter (lowercase)."""
+    return f"{instance.upper()}{key}"
+
+
+def key_value_episode(rng: np.random.Generator, num_items: int, *, max_keys: int = 8, num_values: int = 10) -> str:
+    """A training document: a mapping of 1..max_keys random letter keys to random digits (drawn
+    independently, so one key's value says nothing of another's), then `num_items` items, each a key
+    drawn uniformly from the mapping in a random instance, and the key's value. Keys recur, so
+    every item after a key's first is predictable from the context, and only from it."""
+    if not 1 <= max_keys <= 26 or not 2 <= num_values <= 10 or num_items < 1:
+        raise ValueError(f"key_value_episode: need 1 <= max_keys ({max_keys}) <= 26, 2 <= num_values "
+                         f"({num_values}) <= 10 and num_items ({num_items}) >= 1")
+    keys = rng.choice(LETTERS, size=rng.integers(1, max_keys + 1), replace=False)
+    values = {k: str(v) for k, v in zip(keys, rng.integers(num_values, size=len(keys)))}
+    items = zip(rng.choice(keys, size=num_items), rng.choice(LETTERS, size=num_items))
+    return LOOKUP_SEPARATOR.join(lookup_query(k, i) + values[k] for k, i in items)
+
+
+def key_value_fewshot_task(num_keys: int, instances_per_key: int, *, num_values: int = 10, seed: int = 0) -> Task:
+    """One fresh random mapping of `num_keys` letter keys to digits, asked of `instances_per_key`
+    instances of each key: example `Fq` has the value of `q` as its answer and every digit as a
+    choice. Evaluate it at k shots: the demonstrations are the mapping (see `key_shown`)."""
+    if not 1 <= num_keys <= 26 or not 1 <= instances_per_key <= 26 or not 2 <= num_values <= 10:
+        raise ValueError(f"key_value_fewshot_task: need 1 <= num_keys ({num_keys}) <= 26, 1 <= instances_per_key "
+                         f"({instances_per_key}) <= 26 and 2 <= num_values ({num_values}) <= 10")
+    rng = np.random.default_rng([seed, num_keys, instances_per_key])
+    values = [str(v) for v in range(num_values)]
+    examples = []
+    for key in rng.choice(LETTERS, size=num_keys, replace=False):
+        answer = values[rng.integers(num_values)]
+        for instance in rng.choice(LETTERS, size=instances_per_key, replace=False):
+            credit = tuple(float(v == answer) for v in values)
+            examples.append(Example(lookup_query(key, instance), (answer,), tuple(values), credit))
+    order = rng.permutation(len(examples))  # keys interleaved: an example's place says nothing of its key
+    return Task(
+        name=f"key_value_fewshot/{num_keys}_keys", examples=tuple(examples[i] for i in order),
+        metrics=(MULTIPLE_CHOICE, EXACT_MATCH), input_prefix="", output_prefix="", separator=LOOKUP_SEPARATOR,
+        append_choices=False, stop_strings=(LOOKUP_SEPARATOR, "\n"), max_new_tokens=2,
+    )
+
+
+def key_shown(task: Task, index: int, k: int, seed: int) -> bool:
+    """Whether the k-shot prompt of example `index` (`prompts.prompt` with this seed) shows its key.
+    A perfect in-context learner answers those and guesses the rest, so the mean over examples of
+    shown + (1 - shown) / len(choices) is the accuracy ceiling at k shots."""
+    key = task.examples[index].input[1]
+    return any(task.examples[i].input[1] == key for i in prompts.shot_indices(task, index, k, seed))
