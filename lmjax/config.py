@@ -105,6 +105,7 @@ def default_config() -> config_dict.ConfigDict:
     d.byte_fallback = True  # unknown characters become bytes, so any text round-trips
     d.tokenizer_max_sentences = 200_000  # cap on lines read to train the tokenizer
     d.cache_dir = placeholder(str)  # tokenizer/token caches; None: ~/.cache/lmjax
+    d.store_dir = placeholder(str)  # token stores the first use of a text:/tfds: source writes (local or gs://); None: <cache_dir>/stores; "": off (tokenize in memory)
     d.max_documents = placeholder(int)  # use only the first N documents of each split; None: all
     d.tfds_download = True  # tfds: download and prepare the dataset if data_dir lacks it
     d.seq_len = 128  # tokens per training row

@@ -29,22 +29,27 @@ from typing import Iterator
 
 import numpy as np
 
-from lmjax.data import packing, sources, store
+from lmjax.data import auto_store, packing, sources, store
 from lmjax.data.tokenizers import Tokenizer, cache_dir
 
 STATE_VERSION = 1
 
 
-def tokenize_split(data_cfg, split: str, tokenizer: Tokenizer, *, verbose: bool = False) -> dict:
-    """The split as one int32 array of token ids (each document followed by EOS), the end offset
-    of every document and the UTF-8 byte count, cached by (split content, tokenizer) under
-    `cache_dir/tokens/`. From a `store:DIR` source, `tokens` is a store.StoreTokens that reads
-    slices from disk, and `counts` holds each id's count."""
+def tokenize_split(data_cfg, split: str, tokenizer: Tokenizer, *, verbose: bool = False,
+                   doc_ends: bool = True) -> dict:
+    """The split's tokens (each document followed by EOS), the end offset of every document and
+    the UTF-8 byte count. From a token store (`store:DIR`, or the one the first use of a `text:` or
+    `tfds:` source writes: auto_store.py), `tokens` is a store.StoreTokens that reads slices from
+    disk, `counts` holds each id's count, and `doc_ends` is read only when asked for. Other
+    sources are tokenized into one int32 array, cached by (split content, tokenizer) under
+    `cache_dir/tokens/`."""
     if tokenizer.eos_id < 0:
         raise ValueError("the tokenizer has no EOS id, which packing needs between documents")
     kind, _, arg = data_cfg.source.partition(":")
     if kind == "store":  # already tokenized on disk: read by slices, never loaded whole
-        return store.read_split(os.path.expanduser(arg), split, tokenizer)
+        return store.read_split(os.path.expanduser(arg), split, tokenizer, doc_ends=doc_ends)
+    if auto_store.enabled(data_cfg):
+        return store.read_split(auto_store.ensure(data_cfg, tokenizer), split, tokenizer, doc_ends=doc_ends)
     data = sources.get_split(data_cfg, split)
     key = f"{data.fingerprint}-{tokenizer.fingerprint}"
     path = os.path.join(cache_dir(data_cfg), "tokens", hashlib.sha256(key.encode()).hexdigest()[:20] + ".npz")
@@ -192,13 +197,13 @@ def packed_split(data_cfg, tokenizer: Tokenizer, split: str) -> tuple[packing.Pa
     seq_len = int(data_cfg.seq_len)
     if seq_len < 1:
         raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
-    data = tokenize_split(data_cfg, split, tokenizer)
+    data = tokenize_split(data_cfg, split, tokenizer, doc_ends=data_cfg.packing != "concat")
     if len(data["tokens"]) < seq_len + 1:
         raise ValueError(
             f"data.source {data_cfg.source!r} split {split!r} has {len(data['tokens'])} tokens: "
             f"too few for one row of data.seq_len={seq_len}"
         )
-    packer = packing.make_packer(data_cfg.packing, data["tokens"], data["doc_ends"], seq_len, tokenizer.pad_id)
+    packer = packing.make_packer(data_cfg.packing, data["tokens"], data.get("doc_ends"), seq_len, tokenizer.pad_id)
     return packer, data
 
 
@@ -229,4 +234,4 @@ def make_pipeline(
     batch_fn = BatchFn(packer, batch_size, rows, (int(data_cfg.seed), int(seed)), shuffle)
     return Pipeline(batch_fn, split=split, num_tokens=len(data["tokens"]),
                     num_bytes=int(data["num_bytes"]), grain_workers=int(data_cfg.grain_workers),
-                    info=dict(sources.describe(data_cfg), split=split, documents=len(data["doc_ends"])))
+                    info=dict(sources.describe(data_cfg), split=split, documents=int(data["num_docs"]) if "num_docs" in data else len(data["doc_ends"])))
