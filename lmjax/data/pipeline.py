@@ -3,8 +3,9 @@
 Design: the split is tokenized once (and cached), packed into `R` numbered rows (packing.py), and
 the batch stream is a pure function of a counter. Global batch `i` holds the rows at positions
 `i*B .. i*B+B-1` of the endless sequence epoch 0, epoch 1, ..., where epoch `e` is the rows in the
-order `permutation(R)` drawn from a generator seeded by (data seed, seed, e) — or in order when
-not shuffling. Batches run straight across epoch boundaries, so no row is dropped. The state is
+order of a keyed bijection of [0, R) (grain's `index_shuffle`) seeded by (data seed, seed, e),
+computed index by index so that no permutation of R rows is ever held — or in order when not
+shuffling. Batches run straight across epoch boundaries, so no row is dropped. The state is
 just `{"batch": i}` (plus epoch/row for information and checks): restoring it reproduces the
 uninterrupted stream exactly, even under a different number of processes.
 
@@ -33,6 +34,7 @@ from lmjax.data import auto_store, packing, sources, store
 from lmjax.data.tokenizers import Tokenizer, cache_dir
 
 STATE_VERSION = 1
+SHUFFLE_ROUNDS = 4  # Feistel rounds of grain's index_shuffle (grain's own global shuffle uses 4)
 
 
 def tokenize_split(data_cfg, split: str, tokenizer: Tokenizer, *, verbose: bool = False,
@@ -90,28 +92,26 @@ class BatchFn:
         self.rows_per_process = stop - self.offset
         self.seed = seed
         self.shuffle = shuffle
-        self._perms: dict[int, np.ndarray] = {}
 
-    def order(self, epoch: int) -> np.ndarray:
-        """Row order of `epoch`: a pure function of (seed, epoch)."""
-        if epoch not in self._perms:
-            n = self.packer.num_rows
-            if self.shuffle:
-                perm = np.random.default_rng([*self.seed, epoch]).permutation(n)
-            else:
-                perm = np.arange(n)
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = perm
-        return self._perms[epoch]
+    def epoch_seed(self, epoch: int) -> int:
+        """The 32-bit seed of `epoch`'s permutation: a pure function of (seeds, epoch)."""
+        digest = hashlib.sha256(json.dumps([*self.seed, epoch]).encode()).digest()
+        return int.from_bytes(digest[:4], "little")
 
     def row_indices(self, batch: int) -> np.ndarray:
+        """Rows of this process's part of global batch `batch`. Position p of epoch e holds row
+        index_shuffle(p) under e's seed: grain's keyed bijection of [0, R), computed per index, so
+        no permutation of all R rows is ever held (it would grow with the corpus)."""
         n = self.packer.num_rows
         k = batch * self.batch_size + self.offset + np.arange(self.rows_per_process, dtype=np.int64)
         epochs, idx = k // n, k % n
-        rows = np.empty_like(k)
-        for e in np.unique(epochs):
-            rows[epochs == e] = self.order(int(e))[idx[epochs == e]]
-        return rows
+        if not self.shuffle:
+            return idx
+        from grain.experimental import index_shuffle
+
+        seeds = {int(e): self.epoch_seed(int(e)) for e in np.unique(epochs)}
+        return np.fromiter((index_shuffle(int(i), n - 1, seeds[int(e)], SHUFFLE_ROUNDS) for e, i in zip(epochs, idx)),
+                           np.int64, len(k))
 
     def __call__(self, batch: int) -> dict[str, np.ndarray]:
         return self.packer.rows(self.row_indices(int(batch)))
