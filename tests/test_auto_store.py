@@ -168,3 +168,23 @@ def test_a_store_behind_a_url_is_written_and_read_through_fsspec(tmp_path, small
             make_pipeline(store_cfg(c, explicit), build_tokenizer(c), "train", 8)
     finally:
         fs.rm("/lmjax-test", recursive=True)
+
+
+def test_in_a_bucket_process_0_writes_and_the_others_wait_for_its_index(tmp_path, small_shards, monkeypatch):
+    monkeypatch.setattr(auto_store, "POLL_SECONDS", 0.01)
+    c = auto_cfg(tmp_path, store_dir="memory://lmjax-test-wait/stores")
+    tok = build_tokenizer(c)
+    logs, got = [], {}
+    waiter = threading.Thread(target=lambda: got.update(
+        one=auto_store.ensure(c, tok, log=lambda s: logs.append(("one", s)), process_index=1)))
+    try:
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not fsspec.filesystem("memory").exists("/lmjax-test-wait/stores")
+        got["zero"] = auto_store.ensure(c, tok, log=lambda s: logs.append(("zero", s)), process_index=0)
+        waiter.join(30)
+        assert not waiter.is_alive() and got["one"] == got["zero"]
+        assert [who for who, line in logs if line.startswith("first use")] == ["zero"]
+        assert [who for who, line in logs if line.startswith("waiting")] == ["one"]
+    finally:
+        fsspec.filesystem("memory").rm("/lmjax-test-wait", recursive=True)

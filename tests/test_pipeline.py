@@ -1,5 +1,6 @@
 import json
 
+import grain
 import numpy as np
 import pytest
 
@@ -186,3 +187,6 @@ def test_the_shuffle_never_holds_a_permutation_of_all_rows():
     assert len(np.unique(np.concatenate(got[:3]))) == 3 * 64  # a bijection within an epoch
     assert not np.array_equal(got[0], got[3])  # epoch 1 is another order
     assert np.array_equal(pipeline.BatchFn(Rows(), 64, (32, 64), (0, 0), True)(1)["rows"], got[1][32:])
+    grain_order = grain.MapDataset.range(Rows.num_rows).shuffle(seed=fn.shuffle_seed())  # grain's global shuffle
+    assert [grain_order[int(k)] for k in (0, 65, last * 64 + 3, (last + 1) * 64 + 5)] == [
+        int(got[0][0]), int(got[1][1]), int(got[2][3]), int(got[3][5])]

@@ -58,16 +58,19 @@ def key(data_cfg, tokenizer) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def ensure(data_cfg, tokenizer, *, log=print) -> str:
-    """The directory of `data_cfg.source`'s token store, written first if no run has yet."""
+def ensure(data_cfg, tokenizer, *, log=print, process_index: int | None = None) -> str:
+    """The directory of `data_cfg.source`'s token store, written first if no run has yet.
+    `process_index` (default: JAX's) decides who writes a bucket store: process 0."""
     directory = store_files.join(root(data_cfg), key(data_cfg, tokenizer))
     index = store_files.join(directory, store.INDEX)
     if store_files.exists(index):
         return directory
     if store_files.is_remote(directory):
-        import jax
+        if process_index is None:
+            import jax
 
-        if jax.process_index() != 0:
+            process_index = jax.process_index()
+        if process_index != 0:
             log(f"waiting for process 0 to write the token store of {data_cfg.source} at {directory}")
             while not store_files.exists(index):
                 time.sleep(POLL_SECONDS)

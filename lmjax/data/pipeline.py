@@ -3,9 +3,9 @@
 Design: the split is tokenized once (and cached), packed into `R` numbered rows (packing.py), and
 the batch stream is a pure function of a counter. Global batch `i` holds the rows at positions
 `i*B .. i*B+B-1` of the endless sequence epoch 0, epoch 1, ..., where epoch `e` is the rows in the
-order of a keyed bijection of [0, R) (grain's `index_shuffle`) seeded by (data seed, seed, e),
-computed index by index so that no permutation of R rows is ever held — or in order when not
-shuffling. Batches run straight across epoch boundaries, so no row is dropped. The state is
+order of a keyed bijection of [0, R) (grain's `index_shuffle`, exactly grain's global shuffle
+`MapDataset.range(R).shuffle(seed)` with a seed made from (data seed, seed)), computed index by
+index so that no permutation of R rows is ever held — or in order when not shuffling. Batches run straight across epoch boundaries, so no row is dropped. The state is
 just `{"batch": i}` (plus epoch/row for information and checks): restoring it reproduces the
 uninterrupted stream exactly, even under a different number of processes.
 
@@ -93,15 +93,15 @@ class BatchFn:
         self.seed = seed
         self.shuffle = shuffle
 
-    def epoch_seed(self, epoch: int) -> int:
-        """The 32-bit seed of `epoch`'s permutation: a pure function of (seeds, epoch)."""
-        digest = hashlib.sha256(json.dumps([*self.seed, epoch]).encode()).digest()
-        return int.from_bytes(digest[:4], "little")
+    def shuffle_seed(self) -> int:
+        """A 32-bit seed made from (data seed, seed): epoch e's order is index_shuffle seeded by
+        shuffle_seed + e, which is grain's own global shuffle (`MapDataset.shuffle(shuffle_seed)`)."""
+        return int.from_bytes(hashlib.sha256(json.dumps(list(self.seed)).encode()).digest()[:4], "little")
 
     def row_indices(self, batch: int) -> np.ndarray:
         """Rows of this process's part of global batch `batch`. Position p of epoch e holds row
-        index_shuffle(p) under e's seed: grain's keyed bijection of [0, R), computed per index, so
-        no permutation of all R rows is ever held (it would grow with the corpus)."""
+        index_shuffle(p) (grain's keyed bijection of [0, R)), computed per index, so no
+        permutation of all R rows is ever held: it would grow with the corpus."""
         n = self.packer.num_rows
         k = batch * self.batch_size + self.offset + np.arange(self.rows_per_process, dtype=np.int64)
         epochs, idx = k // n, k % n
@@ -109,9 +109,9 @@ class BatchFn:
             return idx
         from grain.experimental import index_shuffle
 
-        seeds = {int(e): self.epoch_seed(int(e)) for e in np.unique(epochs)}
-        return np.fromiter((index_shuffle(int(i), n - 1, seeds[int(e)], SHUFFLE_ROUNDS) for e, i in zip(epochs, idx)),
-                           np.int64, len(k))
+        base = self.shuffle_seed()
+        return np.fromiter((index_shuffle(int(i), n - 1, (base + int(e)) % 2**32, SHUFFLE_ROUNDS)
+                            for e, i in zip(epochs, idx)), np.int64, len(k))
 
     def __call__(self, batch: int) -> dict[str, np.ndarray]:
         return self.packer.rows(self.row_indices(int(batch)))

@@ -15,9 +15,11 @@ Shards close at the first document boundary past `shard_tokens` tokens, so a doc
 spans two shards. The writer streams documents in batches of about `batch_bytes` of text,
 tokenizes each batch in the tokenizer's native threads (tiktoken, tokenizers and SentencePiece
 release the GIL) and appends to the open shard, so its memory is one batch, whatever the corpus
-size. A finished shard is renamed into place and recorded in progress.json; an interrupted run
-resumes after the last finished shard. The reader opens shards lazily and reads byte ranges
-(a row is one `pread`), so a process holds in memory only the rows it asked for.
+size. A finished shard is published (renamed into place, or its upload completed) and recorded in
+progress.json; an interrupted run resumes after the last finished shard. DIR may be local or any
+fsspec URL such as gs://bucket/dir (store_files.py). The reader opens shards lazily and reads
+byte ranges (a row is one positioned read, or one ranged request), so a process holds in memory
+only the rows it asked for.
 
 The index records the format version, the tokenizer (kind and fingerprint of its id mapping), the
 source, and per shard its token and document counts and the text bytes and digest of its
