@@ -113,6 +113,7 @@ def default_config() -> config_dict.ConfigDict:
     d.shuffle = True  # shuffle rows each epoch
     d.seed = 0  # shuffling seed
     d.grain_workers = 0  # grain worker processes (0: load in the training process)
+    d.prefetch_threads = 0  # batches read ahead by grain threads (a store in a bucket: overlaps request latency)
     d.clean = config_dict.ConfigDict()  # cleaning, applied by lmjax.data.prepare
     d.clean.exact_dedup = True  # drop exact duplicates (hash of normalized text)
     d.clean.near_dedup = True  # drop MinHash/LSH near-duplicates
@@ -277,6 +278,7 @@ AT_LEAST_ONE = (
 AT_LEAST_ZERO = (
     "optim.lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip", "train.z_loss",
     "eval.num_samples", "eval.sample_tokens", "eval.sample_temperature", "data.grain_workers",
+    "data.prefetch_threads",
     "train.early_exit_scale",
 )
 

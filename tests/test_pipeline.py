@@ -190,3 +190,18 @@ def test_the_shuffle_never_holds_a_permutation_of_all_rows():
     grain_order = grain.MapDataset.range(Rows.num_rows).shuffle(seed=fn.shuffle_seed())  # grain's global shuffle
     assert [grain_order[int(k)] for k in (0, 65, last * 64 + 3, (last + 1) * 64 + 5)] == [
         int(got[0][0]), int(got[1][1]), int(got[2][3]), int(got[3][5])]
+
+
+def test_prefetch_threads_serve_the_same_batches_and_resume(tmp_path):
+    c = corpus_cfg(tmp_path)
+    plain = make(c, batch_size=4, shuffle=True)
+    want = [next(plain) for _ in range(8)]
+    c.prefetch_threads = 3
+    ahead = make(c, batch_size=4, shuffle=True)
+    got = [next(ahead) for _ in range(4)]
+    resumed = make(c, batch_size=4, shuffle=True)
+    resumed.set_state(json.loads(json.dumps(ahead.get_state())))
+    got += [next(resumed) for _ in range(4)]
+    ahead.close()
+    resumed.close()
+    assert all(same(a, b) for a, b in zip(got, want))

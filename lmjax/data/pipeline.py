@@ -121,7 +121,7 @@ class Pipeline:
     """An endless iterator of batch dicts (numpy, [rows, seq_len]) with a tiny JSON state."""
 
     def __init__(self, batch_fn: BatchFn, *, split: str, num_tokens: int, num_bytes: int,
-                 grain_workers: int = 0, info: dict | None = None):
+                 grain_workers: int = 0, prefetch_threads: int = 0, info: dict | None = None):
         self.batch_fn = batch_fn
         self.split = split
         self.info = info or {}  # source description (pystdlib: the Python version), for records
@@ -131,6 +131,7 @@ class Pipeline:
         self.rows_per_epoch = batch_fn.packer.num_rows
         self.seq_len = batch_fn.packer.seq_len
         self.grain_workers = grain_workers
+        self.prefetch_threads = prefetch_threads
         self._batch = 0
         self._grain_iter: Iterator | None = None
 
@@ -138,7 +139,7 @@ class Pipeline:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.grain_workers > 0:
+        if self.grain_workers > 0 or self.prefetch_threads > 0:
             if self._grain_iter is None:
                 self._grain_iter = self._start_grain(self._batch)
             # Plain copies: grain hands out shared-memory arrays that must not outlive it.
@@ -171,22 +172,27 @@ class Pipeline:
         self.close()
 
     def close(self) -> None:
-        """Stop grain worker processes (if any); iterating again restarts them."""
+        """Stop grain worker processes or threads (if any); iterating again restarts them."""
         if self._grain_iter is not None:
             self._grain_iter.close()
             self._grain_iter = None
 
     def _start_grain(self, first_batch: int) -> Iterator:
-        """Batches computed ahead of time by grain worker processes, in the same order (batch i is
-        still `batch_fn(i)`, so the state and resume logic are unchanged)."""
+        """Batches computed ahead of time by grain worker processes, or by grain's prefetch threads
+        (which overlap the waits of reads from a bucket), in the same order (batch i is still
+        `batch_fn(i)`, so the state and resume logic are unchanged)."""
         import grain
         from absl import flags
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         ds = grain.MapDataset.range(first_batch, 2**62).map(self.batch_fn)
-        options = grain.multiprocessing.MultiprocessingOptions(num_workers=self.grain_workers)
-        iterator = iter(ds.to_iter_dataset().mp_prefetch(options))
+        if self.grain_workers > 0:
+            options = grain.multiprocessing.MultiprocessingOptions(num_workers=self.grain_workers)
+            iterator = iter(ds.to_iter_dataset().mp_prefetch(options))
+        else:
+            read = grain.ReadOptions(num_threads=self.prefetch_threads, prefetch_buffer_size=2 * self.prefetch_threads)
+            iterator = iter(ds.to_iter_dataset(read))
         atexit.register(self.close)
         return iterator
 
@@ -234,4 +240,5 @@ def make_pipeline(
     batch_fn = BatchFn(packer, batch_size, rows, (int(data_cfg.seed), int(seed)), shuffle)
     return Pipeline(batch_fn, split=split, num_tokens=len(data["tokens"]),
                     num_bytes=int(data["num_bytes"]), grain_workers=int(data_cfg.grain_workers),
+                    prefetch_threads=int(data_cfg.get("prefetch_threads", 0)),
                     info=dict(sources.describe(data_cfg), split=split, documents=int(data["num_docs"]) if "num_docs" in data else len(data["doc_ends"])))
