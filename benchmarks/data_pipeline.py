@@ -56,6 +56,7 @@ _RESULTS = flags.DEFINE_string("results", os.path.join(ROOT, "benchmarks", "resu
 _READ_SECONDS = flags.DEFINE_float("read_seconds", 20.0, "seconds of reading per measurement.")
 _READERS = flags.DEFINE_bool("readers", False, "Compare lmjax's reader with a grain MapDataset reader instead.")
 _VIRTUAL_TOKENS = flags.DEFINE_float("virtual_tokens", 26e9, "--readers: tokens of the sparse (all-zero) store.")
+_LATENCY_MS = flags.DEFINE_float("latency_ms", 20.0, "--readers: latency of each request to the simulated bucket.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one measured step (prepare | read) and print JSON.")
 _ARGS = flags.DEFINE_list("args", [], "Internal: arguments of --child.")
 
@@ -231,6 +232,44 @@ def child_read_grain(store_dir: str, global_batch: str, rows_per_host: str, read
     return {"startup_seconds": startup, "rows_per_epoch": packer.num_rows, **_timed(batches, float(read_seconds))}
 
 
+def register_slow_filesystem(latency_ms: float) -> None:
+    """`slowfile://PATH`: a local file whose every read waits `latency_ms` first, like a request to
+    a bucket (the reader reads a store behind a URL one ranged request per row)."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    class SlowLocalFileSystem(LocalFileSystem):
+        protocol = "slowfile"
+
+        def cat_file(self, path, start=None, end=None, **kwargs):
+            time.sleep(latency_ms / 1e3)
+            return super().cat_file(path, start=start, end=end, **kwargs)
+
+    fsspec.register_implementation("slowfile", SlowLocalFileSystem, clobber=True)
+
+
+def child_read_slow(store_dir: str, global_batch: str, rows_per_host: str, read_seconds: str, threads: str,
+                    latency_ms: str) -> dict:
+    """lmjax's reader on the store behind `slowfile://`, with `threads` grain threads reading ahead."""
+    register_slow_filesystem(float(latency_ms))
+    c, tokenizer, pipeline = _reader_setup(store_dir)
+    c.data.source = f"store:slowfile://{store_dir}"
+    c.data.prefetch_threads = int(threads)
+    start = time.perf_counter()
+    pipe = pipeline.make_pipeline(c.data, tokenizer, "train", int(global_batch), rows=(0, int(rows_per_host)))
+    startup = time.perf_counter() - start
+    out = {"startup_seconds": startup, "rows_per_epoch": pipe.rows_per_epoch, **_timed(pipe, float(read_seconds))}
+    pipe.close()
+    return out
+
+
+def child_held_permutation(num_rows: str) -> dict:
+    """Peak RSS a drawn permutation of all rows adds for two epochs (the reader's former shuffle)."""
+    before = peak_rss_bytes()
+    perms = [np.random.default_rng([0, 0, epoch]).permutation(int(num_rows)) for epoch in (0, 1)]
+    return {"added": peak_rss_bytes() - before, "rows": int(num_rows), "entries": sum(len(p) for p in perms)}
+
+
 def sparse_store(directory: str, like: str, num_tokens: int) -> str:
     """A store of `num_tokens` zero tokens in sparse shard files (no disk space), with the index
     and tokenizer of the store `like`: for the reader's memory at a corpus size no disk here holds."""
@@ -341,8 +380,9 @@ def measure_readers() -> None:
                ("grain MapDataset, no threads", ("read_grain", "0")),
                ("grain MapDataset, 16 prefetch threads", ("read_grain", "16"))]
     load_before = os.getloadavg()[1]
+    rows_of = {}
     lines = ["", "## Readers: lmjax's against grain's MapDataset", "",
-             f"Run by `python benchmarks/data_pipeline.py --readers --virtual_tokens={_VIRTUAL_TOKENS.value:g}`. Both "
+             f"Run by `python benchmarks/data_pipeline.py --readers --virtual_tokens={_VIRTUAL_TOKENS.value:.0f}`. Both "
              f"read one v5e-16 host's {rows_per_host} rows of each global batch of {need['global_batch']} x "
              f"{need['seq_len']} (concat packing) from the same store, in the same global shuffle (grain's "
              f"index_shuffle, which lmjax's reader calls per row): the digest of the first {DIGEST_BATCHES} batches "
@@ -358,10 +398,27 @@ def measure_readers() -> None:
                 r = run_child(child, directory, str(need["global_batch"]), str(rows_per_host),
                               str(_READ_SECONDS.value), *extra)
                 print(f"{name}: {reader} {r}", flush=True)
+                rows_of[name] = r["rows_per_epoch"]
                 lines.append(f"| {name} | {r['rows_per_epoch']:,} | {reader} | {r['startup_seconds']:.1f} s | "
                              f"{r['batches_per_second']:,.0f} | {r['tokens_per_second'] / 1e6:.1f}M | "
                              f"{r['tokens_per_second'] / need['tokens_per_second_per_host']:.1f} | "
                              f"{r['peak_rss'] / 2**30:.2f} GiB | `{r['digest']}` |")
+        small_rows = rows_of[stores[0][0]]
+        held = [run_child("held_permutation", str(rows)) for rows in (small_rows, rows_of[stores[-1][0]])]
+        lines += ["", "The former shuffle held a drawn permutation of all rows per epoch (two epochs at an epoch's end):",
+                  "", "| rows/epoch | peak RSS it adds |", "|---|---|"]
+        lines += [f"| {h['rows']:,} | {h['added'] / 2**20:.0f} MiB |" for h in held]
+        small = stores[0][1]
+        lines += ["", f"A store behind a URL with {_LATENCY_MS.value:g} ms per request (`slowfile://`: the "
+                  f"{stores[0][0]} store, every ranged read delayed, as a bucket's requests are): lmjax's reader "
+                  f"makes one request per row, so `data.prefetch_threads` decides how many are in flight.", "",
+                  "| prefetch threads | batches/s | tokens/s | x consumption | digest |", "|---|---|---|---|---|"]
+        for threads in (0, 16, 64):
+            r = run_child("read_slow", small, str(need["global_batch"]), str(rows_per_host),
+                          str(_READ_SECONDS.value), str(threads), str(_LATENCY_MS.value))
+            print(f"slow store, {threads} threads: {r}", flush=True)
+            lines.append(f"| {threads} | {r['batches_per_second']:,.1f} | {r['tokens_per_second'] / 1e6:.2f}M | "
+                         f"{r['tokens_per_second'] / need['tokens_per_second_per_host']:.2f} | `{r['digest']}` |")
     finally:
         import shutil
 
@@ -421,6 +478,10 @@ def main(argv) -> None:
         print(json.dumps(child_read_lmjax(*_ARGS.value)))
     elif _CHILD.value == "read_grain":
         print(json.dumps(child_read_grain(*_ARGS.value)))
+    elif _CHILD.value == "read_slow":
+        print(json.dumps(child_read_slow(*_ARGS.value)))
+    elif _CHILD.value == "held_permutation":
+        print(json.dumps(child_held_permutation(*_ARGS.value)))
     elif _READERS.value:
         cli.run(measure_readers)
     elif _CONFIG.value is not None:

@@ -5,9 +5,10 @@ the batch stream is a pure function of a counter. Global batch `i` holds the row
 `i*B .. i*B+B-1` of the endless sequence epoch 0, epoch 1, ..., where epoch `e` is the rows in the
 order of a keyed bijection of [0, R) (grain's `index_shuffle`, exactly grain's global shuffle
 `MapDataset.range(R).shuffle(seed)` with a seed made from (data seed, seed)), computed index by
-index so that no permutation of R rows is ever held — or in order when not shuffling. Batches run straight across epoch boundaries, so no row is dropped. The state is
-just `{"batch": i}` (plus epoch/row for information and checks): restoring it reproduces the
-uninterrupted stream exactly, even under a different number of processes.
+index so that no permutation of R rows is ever held — or in order when not shuffling. Batches
+run straight across epoch boundaries, so no row is dropped. The state is just `{"batch": i}`
+(plus epoch/row for information and checks): restoring it reproduces the uninterrupted stream
+exactly, even under a different number of processes.
 
 Each process computes the whole global batch's row indices and keeps rows [start, stop), the
 rows its devices hold (`lmjax.sharding.process_rows`): it reads only those. Processes whose devices
@@ -241,4 +242,5 @@ def make_pipeline(
     return Pipeline(batch_fn, split=split, num_tokens=len(data["tokens"]),
                     num_bytes=int(data["num_bytes"]), grain_workers=int(data_cfg.grain_workers),
                     prefetch_threads=int(data_cfg.get("prefetch_threads", 0)),
-                    info=dict(sources.describe(data_cfg), split=split, documents=int(data["num_docs"]) if "num_docs" in data else len(data["doc_ends"])))
+                    info=dict(sources.describe(data_cfg), split=split,
+                              documents=int(data["num_docs"]) if "num_docs" in data else len(data["doc_ends"])))

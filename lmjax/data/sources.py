@@ -28,6 +28,8 @@ import sys
 import sysconfig
 from typing import Callable, Iterator, Sequence
 
+from lmjax.data import store_files
+
 SPLITS = ("train", "validation")
 SOURCE_KINDS = ("pystdlib", "text:", "tfds:", "prepared:", "store:", "arithmetic:")
 DOC_SPLITS = ("file", "blank_line")  # text: one document per file, or per blank-line block
@@ -387,8 +389,6 @@ def describe(data_cfg) -> dict:
     if kind == "pystdlib":
         out.update(describe_pystdlib())
     elif kind in ("store", "prepared"):  # the source it was made from, when its description is readable
-        from lmjax.data import store_files
-
         path = store_files.join(arg if store_files.is_remote(arg) else os.path.expanduser(arg),
                                 "index.json" if kind == "store" else "meta.json")
         try:

@@ -33,6 +33,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import time
 from typing import Iterable, Iterator, Sequence
 
@@ -316,10 +317,9 @@ class StoreTokens:
         if store_files.is_remote(path):
             return store_files.read_range(path, start, stop)
         if shard not in self._files:
-            self._files[shard] = open(path, "rb")
-        f = self._files[shard]
-        f.seek(start)
-        return f.read(stop - start)
+            self._files[shard] = open(path, "rb")  # noqa: SIM115 - held open across reads
+        # A positioned read, not seek + read: prefetch threads share this object.
+        return os.pread(self._files[shard].fileno(), stop - start, start)
 
     def __getitem__(self, key: slice) -> np.ndarray:
         if not isinstance(key, slice) or key.step not in (None, 1):
