@@ -265,9 +265,10 @@ def child_read_slow(store_dir: str, global_batch: str, rows_per_host: str, read_
 
 def child_held_permutation(num_rows: str) -> dict:
     """Peak RSS a drawn permutation of all rows adds for two epochs (the reader's former shuffle)."""
-    before = peak_rss_bytes()
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident now (the peak may be above)
     perms = [np.random.default_rng([0, 0, epoch]).permutation(int(num_rows)) for epoch in (0, 1)]
-    return {"added": peak_rss_bytes() - before, "rows": int(num_rows), "entries": sum(len(p) for p in perms)}
+    return {"added": max(peak_rss_bytes() - before, 0), "rows": int(num_rows), "entries": sum(len(p) for p in perms)}
 
 
 def sparse_store(directory: str, like: str, num_tokens: int) -> str:
