@@ -263,12 +263,17 @@ def child_read_slow(store_dir: str, global_batch: str, rows_per_host: str, read_
     return out
 
 
-def child_held_permutation(num_rows: str) -> dict:
-    """Peak RSS a drawn permutation of all rows adds for two epochs (the reader's former shuffle)."""
+def resident_bytes() -> int:
     with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident now (the peak may be above)
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child_held_permutation(num_rows: str) -> dict:
+    """Resident memory that drawn permutations of all rows for two epochs hold (the reader's
+    former shuffle kept the current and the previous epoch's)."""
+    before = resident_bytes()
     perms = [np.random.default_rng([0, 0, epoch]).permutation(int(num_rows)) for epoch in (0, 1)]
-    return {"added": max(peak_rss_bytes() - before, 0), "rows": int(num_rows), "entries": sum(len(p) for p in perms)}
+    return {"added": resident_bytes() - before, "rows": int(num_rows), "entries": sum(len(p) for p in perms)}
 
 
 def sparse_store(directory: str, like: str, num_tokens: int) -> str:
@@ -407,7 +412,7 @@ def measure_readers() -> None:
         small_rows = rows_of[stores[0][0]]
         held = [run_child("held_permutation", str(rows)) for rows in (small_rows, rows_of[stores[-1][0]])]
         lines += ["", "The former shuffle held a drawn permutation of all rows per epoch (two epochs at an epoch's end):",
-                  "", "| rows/epoch | peak RSS it adds |", "|---|---|"]
+                  "", "| rows/epoch | resident memory it holds |", "|---|---|"]
         lines += [f"| {h['rows']:,} | {h['added'] / 2**20:.0f} MiB |" for h in held]
         small = stores[0][1]
         lines += ["", f"A store behind a URL with {_LATENCY_MS.value:g} ms per request (`slowfile://`: the "
