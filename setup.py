@@ -36,7 +36,9 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                  "starlette>=0.40", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20", "qwix>=0.1.8",
                  # tests/test_interop_hf.py: transformers 4.x's Flax GPT-2 and Llama are the reference (no torch).
-                 "safetensors>=0.8", "transformers>=4.57,<5", "bm25s>=0.2", "tokenizers>=0.20"],
+                 "safetensors>=0.8", "transformers>=4.57,<5", "bm25s>=0.2", "tokenizers>=0.20",
+                 # tests/test_auto_store.py: a token store behind a URL (fsspec's memory://).
+                 "fsspec>=2024.2"],
         # Weight-only int8 / int4 quantization (--quantize): Google's qwix.
         "quant": ["qwix>=0.1.8"],
         # python -m lmjax.interop.hf (Hugging Face weights in and out; a Hub repo id downloads), and
@@ -45,7 +47,8 @@ setup(
         "notebooks": ["jupyter", "ipykernel>=6.29", "nbformat>=5.10"],
         # Compile-only TPU devices on any machine (lmjax.aot), and running on TPU VMs.
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
-        # gs:// workdirs (checkpoints, metrics, summaries through etils.epath; TensorBoard through google-cloud-storage).
+        # gs:// workdirs (checkpoints, metrics, summaries through etils.epath; TensorBoard through google-cloud-storage)
+        # and gs:// token stores (data.store_dir, store:gs://..., through fsspec, which gcsfs brings).
         "gcs": ["gcsfs>=2024.2"],
         "gpu": [f"jax[cuda12]>={JAX_VERSION}"],
         # benchmarks/vs_pytorch.py: nanoGPT (PyTorch, CPU) against lmjax. Never needed to use lmjax.

@@ -105,6 +105,7 @@ def default_config() -> config_dict.ConfigDict:
     d.byte_fallback = True  # unknown characters become bytes, so any text round-trips
     d.tokenizer_max_sentences = 200_000  # cap on lines read to train the tokenizer
     d.cache_dir = placeholder(str)  # tokenizer/token caches; None: ~/.cache/lmjax
+    d.store_dir = placeholder(str)  # token stores the first use of a text:/tfds: source writes (local or gs://); None: <cache_dir>/stores; "": off (tokenize in memory)
     d.max_documents = placeholder(int)  # use only the first N documents of each split; None: all
     d.tfds_download = True  # tfds: download and prepare the dataset if data_dir lacks it
     d.seq_len = 128  # tokens per training row
@@ -112,6 +113,7 @@ def default_config() -> config_dict.ConfigDict:
     d.shuffle = True  # shuffle rows each epoch
     d.seed = 0  # shuffling seed
     d.grain_workers = 0  # grain worker processes (0: load in the training process)
+    d.prefetch_threads = 0  # batches read ahead by grain threads (a store in a bucket: overlaps request latency)
     d.clean = config_dict.ConfigDict()  # cleaning, applied by lmjax.data.prepare
     d.clean.exact_dedup = True  # drop exact duplicates (hash of normalized text)
     d.clean.near_dedup = True  # drop MinHash/LSH near-duplicates
@@ -276,6 +278,7 @@ AT_LEAST_ONE = (
 AT_LEAST_ZERO = (
     "optim.lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip", "train.z_loss",
     "eval.num_samples", "eval.sample_tokens", "eval.sample_temperature", "data.grain_workers",
+    "data.prefetch_threads",
     "train.early_exit_scale",
 )
 

@@ -101,8 +101,8 @@ def test_hosts_holding_the_same_rows_are_fed_the_same_rows(runs):
 @pytest.mark.slow
 def test_preempted_processes_stop_at_one_step_and_resume_to_the_one_process_run(runs):
     """The two processes read the corpus from a token store (each its half of every batch, from the
-    shards on disk), the one process from memory: the same batches, so the same run, across a
-    preemption."""
+    shards on disk), the one process from the store its first use of the text wrote: the same
+    batches, so the same run, across a preemption."""
     directory, preset, reference = runs
     store_dir = os.path.join(directory, "store")
     prepare.prepare_store(tiny_config(directory).data, store_dir, shard_tokens=20_000, log=lambda s: None)

@@ -1,5 +1,6 @@
 import json
 
+import grain
 import numpy as np
 import pytest
 
@@ -72,8 +73,8 @@ def test_each_epoch_is_a_new_permutation_of_all_rows(tmp_path):
     all_rows = p.batch_fn.packer.rows(np.arange(rows))["inputs"]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(r.tobytes() for r in all_rows)
     assert epochs[0] != epochs[1]
-    assert np.array_equal(p.batch_fn.order(1), pipeline.BatchFn(
-        p.batch_fn.packer, 1, (0, 1), (0, 0), True).order(1))  # a pure function of (seed, epoch)
+    fresh = pipeline.BatchFn(p.batch_fn.packer, 1, (0, 1), (0, 0), True)  # a pure function of (seed, epoch, index)
+    assert [fresh(rows + i)["inputs"][0].tobytes() for i in range(rows)] == epochs[1]
 
 
 def test_order_depends_on_both_seeds_and_unshuffled_is_in_order(tmp_path):
@@ -170,3 +171,37 @@ def test_pystdlib_pipeline_records_the_python_version(tmp_path):
     p = make(c, batch_size=2)
     assert p.info["python_version"] == sys.version.split()[0] and p.info["documents"] == 3
     assert next(p)["inputs"].shape == (2, c.seq_len)
+
+
+def test_the_shuffle_never_holds_a_permutation_of_all_rows():
+    class Rows:  # 10^12 rows: a permutation of them would need 8 TB
+        num_rows, seq_len = 10**12, 4
+
+        def rows(self, indices):
+            return {"rows": indices}
+
+    fn = pipeline.BatchFn(Rows(), 64, (0, 64), (0, 0), True)
+    last = Rows.num_rows // 64 - 1  # the last batch of epoch 0, then the first of epoch 1
+    got = [fn(b)["rows"] for b in (0, 1, last, last + 1)]
+    assert all(((0 <= r) & (r < Rows.num_rows)).all() for r in got)
+    assert len(np.unique(np.concatenate(got[:3]))) == 3 * 64  # a bijection within an epoch
+    assert not np.array_equal(got[0], got[3])  # epoch 1 is another order
+    assert np.array_equal(pipeline.BatchFn(Rows(), 64, (32, 64), (0, 0), True)(1)["rows"], got[1][32:])
+    grain_order = grain.MapDataset.range(Rows.num_rows).shuffle(seed=fn.shuffle_seed())  # grain's global shuffle
+    assert [grain_order[int(k)] for k in (0, 65, last * 64 + 3, (last + 1) * 64 + 5)] == [
+        int(got[0][0]), int(got[1][1]), int(got[2][3]), int(got[3][5])]
+
+
+def test_prefetch_threads_serve_the_same_batches_and_resume(tmp_path):
+    c = corpus_cfg(tmp_path)
+    plain = make(c, batch_size=4, shuffle=True)
+    want = [next(plain) for _ in range(8)]
+    c.prefetch_threads = 3
+    ahead = make(c, batch_size=4, shuffle=True)
+    got = [next(ahead) for _ in range(4)]
+    resumed = make(c, batch_size=4, shuffle=True)
+    resumed.set_state(json.loads(json.dumps(ahead.get_state())))
+    got += [next(resumed) for _ in range(4)]
+    ahead.close()
+    resumed.close()
+    assert all(same(a, b) for a, b in zip(got, want))

@@ -30,6 +30,7 @@ def corpus_cfg(tmp_path, tokenizer="byte", n_docs=60):
     c.tokenizer = tokenizer
     c.seq_len = 16
     c.cache_dir = str(tmp_path / "cache")
+    c.store_dir = ""  # the in-memory pipeline, the reference the store must match
     return c
 
 

@@ -127,7 +127,7 @@ class SegmentPacker:
         return out
 
 
-def make_packer(packing: str, tokens: np.ndarray, doc_ends: np.ndarray, seq_len: int, pad_id: int) -> Packer:
+def make_packer(packing: str, tokens: np.ndarray, doc_ends: np.ndarray | None, seq_len: int, pad_id: int) -> Packer:
     """A packer with `num_rows` and `rows(indices) -> batch dict` over the tokenized split."""
     if seq_len < 1:
         raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")

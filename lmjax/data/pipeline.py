@@ -3,10 +3,12 @@
 Design: the split is tokenized once (and cached), packed into `R` numbered rows (packing.py), and
 the batch stream is a pure function of a counter. Global batch `i` holds the rows at positions
 `i*B .. i*B+B-1` of the endless sequence epoch 0, epoch 1, ..., where epoch `e` is the rows in the
-order `permutation(R)` drawn from a generator seeded by (data seed, seed, e) — or in order when
-not shuffling. Batches run straight across epoch boundaries, so no row is dropped. The state is
-just `{"batch": i}` (plus epoch/row for information and checks): restoring it reproduces the
-uninterrupted stream exactly, even under a different number of processes.
+order of a keyed bijection of [0, R) (grain's `index_shuffle`, exactly grain's global shuffle
+`MapDataset.range(R).shuffle(seed)` with a seed made from (data seed, seed)), computed index by
+index so that no permutation of R rows is ever held — or in order when not shuffling. Batches
+run straight across epoch boundaries, so no row is dropped. The state is just `{"batch": i}`
+(plus epoch/row for information and checks): restoring it reproduces the uninterrupted stream
+exactly, even under a different number of processes.
 
 Each process computes the whole global batch's row indices and keeps rows [start, stop), the
 rows its devices hold (`lmjax.sharding.process_rows`): it reads only those. Processes whose devices
@@ -29,22 +31,28 @@ from typing import Iterator
 
 import numpy as np
 
-from lmjax.data import packing, sources, store
+from lmjax.data import auto_store, packing, sources, store
 from lmjax.data.tokenizers import Tokenizer, cache_dir
 
 STATE_VERSION = 1
+SHUFFLE_ROUNDS = 4  # Feistel rounds of grain's index_shuffle (grain's own global shuffle uses 4)
 
 
-def tokenize_split(data_cfg, split: str, tokenizer: Tokenizer, *, verbose: bool = False) -> dict:
-    """The split as one int32 array of token ids (each document followed by EOS), the end offset
-    of every document and the UTF-8 byte count, cached by (split content, tokenizer) under
-    `cache_dir/tokens/`. From a `store:DIR` source, `tokens` is a store.StoreTokens that reads
-    slices from disk, and `counts` holds each id's count."""
+def tokenize_split(data_cfg, split: str, tokenizer: Tokenizer, *, verbose: bool = False,
+                   doc_ends: bool = True) -> dict:
+    """The split's tokens (each document followed by EOS), the end offset of every document and
+    the UTF-8 byte count. From a token store (`store:DIR`, or the one the first use of a `text:` or
+    `tfds:` source writes: auto_store.py), `tokens` is a store.StoreTokens that reads slices from
+    disk, `counts` holds each id's count, and `doc_ends` is read only when asked for. Other
+    sources are tokenized into one int32 array, cached by (split content, tokenizer) under
+    `cache_dir/tokens/`."""
     if tokenizer.eos_id < 0:
         raise ValueError("the tokenizer has no EOS id, which packing needs between documents")
     kind, _, arg = data_cfg.source.partition(":")
     if kind == "store":  # already tokenized on disk: read by slices, never loaded whole
-        return store.read_split(os.path.expanduser(arg), split, tokenizer)
+        return store.read_split(os.path.expanduser(arg), split, tokenizer, doc_ends=doc_ends)
+    if auto_store.enabled(data_cfg):
+        return store.read_split(auto_store.ensure(data_cfg, tokenizer), split, tokenizer, doc_ends=doc_ends)
     data = sources.get_split(data_cfg, split)
     key = f"{data.fingerprint}-{tokenizer.fingerprint}"
     path = os.path.join(cache_dir(data_cfg), "tokens", hashlib.sha256(key.encode()).hexdigest()[:20] + ".npz")
@@ -85,28 +93,26 @@ class BatchFn:
         self.rows_per_process = stop - self.offset
         self.seed = seed
         self.shuffle = shuffle
-        self._perms: dict[int, np.ndarray] = {}
 
-    def order(self, epoch: int) -> np.ndarray:
-        """Row order of `epoch`: a pure function of (seed, epoch)."""
-        if epoch not in self._perms:
-            n = self.packer.num_rows
-            if self.shuffle:
-                perm = np.random.default_rng([*self.seed, epoch]).permutation(n)
-            else:
-                perm = np.arange(n)
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = perm
-        return self._perms[epoch]
+    def shuffle_seed(self) -> int:
+        """A 32-bit seed made from (data seed, seed): epoch e's order is index_shuffle seeded by
+        shuffle_seed + e, which is grain's own global shuffle (`MapDataset.shuffle(shuffle_seed)`)."""
+        return int.from_bytes(hashlib.sha256(json.dumps(list(self.seed)).encode()).digest()[:4], "little")
 
     def row_indices(self, batch: int) -> np.ndarray:
+        """Rows of this process's part of global batch `batch`. Position p of epoch e holds row
+        index_shuffle(p) (grain's keyed bijection of [0, R)), computed per index, so no
+        permutation of all R rows is ever held: it would grow with the corpus."""
         n = self.packer.num_rows
         k = batch * self.batch_size + self.offset + np.arange(self.rows_per_process, dtype=np.int64)
         epochs, idx = k // n, k % n
-        rows = np.empty_like(k)
-        for e in np.unique(epochs):
-            rows[epochs == e] = self.order(int(e))[idx[epochs == e]]
-        return rows
+        if not self.shuffle:
+            return idx
+        from grain.experimental import index_shuffle
+
+        base = self.shuffle_seed()
+        return np.fromiter((index_shuffle(int(i), n - 1, (base + int(e)) % 2**32, SHUFFLE_ROUNDS)
+                            for e, i in zip(epochs, idx)), np.int64, len(k))
 
     def __call__(self, batch: int) -> dict[str, np.ndarray]:
         return self.packer.rows(self.row_indices(int(batch)))
@@ -116,7 +122,7 @@ class Pipeline:
     """An endless iterator of batch dicts (numpy, [rows, seq_len]) with a tiny JSON state."""
 
     def __init__(self, batch_fn: BatchFn, *, split: str, num_tokens: int, num_bytes: int,
-                 grain_workers: int = 0, info: dict | None = None):
+                 grain_workers: int = 0, prefetch_threads: int = 0, info: dict | None = None):
         self.batch_fn = batch_fn
         self.split = split
         self.info = info or {}  # source description (pystdlib: the Python version), for records
@@ -126,6 +132,7 @@ class Pipeline:
         self.rows_per_epoch = batch_fn.packer.num_rows
         self.seq_len = batch_fn.packer.seq_len
         self.grain_workers = grain_workers
+        self.prefetch_threads = prefetch_threads
         self._batch = 0
         self._grain_iter: Iterator | None = None
 
@@ -133,7 +140,7 @@ class Pipeline:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.grain_workers > 0:
+        if self.grain_workers > 0 or self.prefetch_threads > 0:
             if self._grain_iter is None:
                 self._grain_iter = self._start_grain(self._batch)
             # Plain copies: grain hands out shared-memory arrays that must not outlive it.
@@ -166,22 +173,27 @@ class Pipeline:
         self.close()
 
     def close(self) -> None:
-        """Stop grain worker processes (if any); iterating again restarts them."""
+        """Stop grain worker processes or threads (if any); iterating again restarts them."""
         if self._grain_iter is not None:
             self._grain_iter.close()
             self._grain_iter = None
 
     def _start_grain(self, first_batch: int) -> Iterator:
-        """Batches computed ahead of time by grain worker processes, in the same order (batch i is
-        still `batch_fn(i)`, so the state and resume logic are unchanged)."""
+        """Batches computed ahead of time by grain worker processes, or by grain's prefetch threads
+        (which overlap the waits of reads from a bucket), in the same order (batch i is still
+        `batch_fn(i)`, so the state and resume logic are unchanged)."""
         import grain
         from absl import flags
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         ds = grain.MapDataset.range(first_batch, 2**62).map(self.batch_fn)
-        options = grain.multiprocessing.MultiprocessingOptions(num_workers=self.grain_workers)
-        iterator = iter(ds.to_iter_dataset().mp_prefetch(options))
+        if self.grain_workers > 0:
+            options = grain.multiprocessing.MultiprocessingOptions(num_workers=self.grain_workers)
+            iterator = iter(ds.to_iter_dataset().mp_prefetch(options))
+        else:
+            read = grain.ReadOptions(num_threads=self.prefetch_threads, prefetch_buffer_size=2 * self.prefetch_threads)
+            iterator = iter(ds.to_iter_dataset(read))
         atexit.register(self.close)
         return iterator
 
@@ -192,13 +204,13 @@ def packed_split(data_cfg, tokenizer: Tokenizer, split: str) -> tuple[packing.Pa
     seq_len = int(data_cfg.seq_len)
     if seq_len < 1:
         raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
-    data = tokenize_split(data_cfg, split, tokenizer)
+    data = tokenize_split(data_cfg, split, tokenizer, doc_ends=data_cfg.packing != "concat")
     if len(data["tokens"]) < seq_len + 1:
         raise ValueError(
             f"data.source {data_cfg.source!r} split {split!r} has {len(data['tokens'])} tokens: "
             f"too few for one row of data.seq_len={seq_len}"
         )
-    packer = packing.make_packer(data_cfg.packing, data["tokens"], data["doc_ends"], seq_len, tokenizer.pad_id)
+    packer = packing.make_packer(data_cfg.packing, data["tokens"], data.get("doc_ends"), seq_len, tokenizer.pad_id)
     return packer, data
 
 
@@ -229,4 +241,6 @@ def make_pipeline(
     batch_fn = BatchFn(packer, batch_size, rows, (int(data_cfg.seed), int(seed)), shuffle)
     return Pipeline(batch_fn, split=split, num_tokens=len(data["tokens"]),
                     num_bytes=int(data["num_bytes"]), grain_workers=int(data_cfg.grain_workers),
-                    info=dict(sources.describe(data_cfg), split=split, documents=len(data["doc_ends"])))
+                    prefetch_threads=int(data_cfg.get("prefetch_threads", 0)),
+                    info=dict(sources.describe(data_cfg), split=split,
+                              documents=int(data["num_docs"]) if "num_docs" in data else len(data["doc_ends"])))

@@ -33,7 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lmjax import cli
-from lmjax.data import dedup, filters, sources, store, tokenizers
+from lmjax.data import dedup, filters, sources, store, store_files, tokenizers
 
 META = "meta.json"
 
@@ -133,9 +133,9 @@ def prepare_store(data_cfg, out_dir: str, *, shard_tokens: int = 2**26, batch_by
     """Tokenize both splits of `data_cfg.source`, streamed, into a token store at `out_dir`."""
     tokenizer = tokenizers.build_tokenizer(data_cfg, verbose=True)
     split_docs = {split: sources.get_split(data_cfg, split).stream() for split in sources.SPLITS}
-    complete = os.path.isfile(os.path.join(out_dir, store.INDEX))
+    complete = store_files.exists(store_files.join(out_dir, store.INDEX))
     if isinstance(tokenizer, tokenizers.SentencePieceTokenizer) and not complete:  # store:DIR runs load it
-        tokenizer.save(os.path.join(out_dir, store.SPM_MODEL))
+        tokenizer.save(store_files.join(out_dir, store.SPM_MODEL))
     return store.write_store(split_docs, tokenizer, data_cfg.tokenizer, out_dir, source=sources.describe(data_cfg),
                              shard_tokens=shard_tokens, batch_bytes=batch_bytes, log=log)
 

@@ -28,6 +28,8 @@ import sys
 import sysconfig
 from typing import Callable, Iterator, Sequence
 
+from lmjax.data import store_files
+
 SPLITS = ("train", "validation")
 SOURCE_KINDS = ("pystdlib", "text:", "tfds:", "prepared:", "store:", "arithmetic:")
 DOC_SPLITS = ("file", "blank_line")  # text: one document per file, or per blank-line block
@@ -47,10 +49,17 @@ class Split:
 
     def __init__(self, source: str, split: str, fingerprint: str | Callable[[], str],
                  load: Callable[[], list[str]], info: dict | None = None,
-                 stream: Callable[[], Iterator[str]] | None = None):
+                 stream: Callable[[], Iterator[str]] | None = None, identity: str | None = None):
         self.source, self.split, self.load, self.info = source, split, load, info or {}
         self._fingerprint = fingerprint
         self._stream = stream
+        self._identity = identity
+
+    @property
+    def identity(self) -> str:
+        """Names the split's content without reading it (file sizes and times, a dataset version),
+        to key the token store its first use writes; the content fingerprint where there is none."""
+        return self._identity or self.fingerprint
 
     @property
     def fingerprint(self) -> str:
@@ -244,7 +253,11 @@ def _text_split(data_cfg, split: str, pattern: str, source: str) -> Split:
     load = functools.cache(lambda: list(stream()))
     info = {"files": len(paths)}
     fp = lambda: content_fingerprint(load(), source, split, data_cfg.text_split, str(data_cfg.val_fraction))  # noqa: E731
-    return Split(source, split, fp, load, info, stream)
+    stats = [os.stat(p) for p in paths]
+    identity = content_fingerprint(
+        [], source, split, data_cfg.text_split, str(data_cfg.val_fraction), data_cfg.doc_split, data_cfg.text_key,
+        *(f"{os.path.relpath(os.path.abspath(p), common)}:{st.st_size}:{st.st_mtime_ns}" for p, st in zip(paths, stats)))
+    return Split(source, split, fp, load, info, stream, identity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +326,7 @@ def _tfds_split(data_cfg, split: str, name: str, source: str) -> Split:
         [], source, str(builder.version), tfds_split, str(count), str(builder.data_dir)
     )
     return Split(source, split, fp, lambda: list(stream()), {"version": str(builder.version), "examples": count},
-                 stream)
+                 stream, fp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,9 +389,10 @@ def describe(data_cfg) -> dict:
     if kind == "pystdlib":
         out.update(describe_pystdlib())
     elif kind in ("store", "prepared"):  # the source it was made from, when its description is readable
+        path = store_files.join(arg if store_files.is_remote(arg) else os.path.expanduser(arg),
+                                "index.json" if kind == "store" else "meta.json")
         try:
-            with open(os.path.join(os.path.expanduser(arg), "index.json" if kind == "store" else "meta.json")) as f:
-                out[f"{kind}_from"] = json.load(f)["source"]
+            out[f"{kind}_from"] = json.loads(store_files.read_bytes(path))["source"]
         except (FileNotFoundError, KeyError, ValueError):
             pass
     return out

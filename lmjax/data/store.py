@@ -15,9 +15,11 @@ Shards close at the first document boundary past `shard_tokens` tokens, so a doc
 spans two shards. The writer streams documents in batches of about `batch_bytes` of text,
 tokenizes each batch in the tokenizer's native threads (tiktoken, tokenizers and SentencePiece
 release the GIL) and appends to the open shard, so its memory is one batch, whatever the corpus
-size. A finished shard is renamed into place and recorded in progress.json; an interrupted run
-resumes after the last finished shard. The reader opens shards lazily and reads byte ranges
-(a row is one `pread`), so a process holds in memory only the rows it asked for.
+size. A finished shard is published (renamed into place, or its upload completed) and recorded in
+progress.json; an interrupted run resumes after the last finished shard. DIR may be local or any
+fsspec URL such as gs://bucket/dir (store_files.py). The reader opens shards lazily and reads
+byte ranges (a row is one positioned read, or one ranged request), so a process holds in memory
+only the rows it asked for.
 
 The index records the format version, the tokenizer (kind and fingerprint of its id mapping), the
 source, and per shard its token and document counts and the text bytes and digest of its
@@ -28,6 +30,7 @@ size disagrees with the index.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -35,9 +38,7 @@ import time
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from etils import epath
-
-from lmjax import fileio
+from lmjax.data import store_files
 
 FORMAT = "lmjax-token-store"
 VERSION = 1
@@ -106,12 +107,12 @@ def _encode(tokenizer, docs: Sequence[str], dtype: np.dtype) -> tuple[np.ndarray
 
 
 class _ShardWriter:
-    """Appends documents to `<dir>/NNNNN.tokens.tmp`; `finish` renames it into place."""
+    """Appends documents to shard NNNNN of `directory`; `finish` publishes its files."""
 
     def __init__(self, directory: str, number: int):
         self.name = f"{number:05d}"
         self.directory = directory
-        self.file = open(os.path.join(directory, self.name + ".tokens.tmp"), "wb")
+        self.file = store_files.AtomicWriter(store_files.join(directory, self.name + ".tokens"))
         self.ends: list[np.ndarray] = []
         self.num_tokens = self.num_docs = self.num_bytes = 0
         self.digest = hashlib.sha256()
@@ -127,27 +128,23 @@ class _ShardWriter:
         self.num_docs += len(docs)
 
     def finish(self) -> dict:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        base = os.path.join(self.directory, self.name)
         ends = np.concatenate(self.ends).astype("<i8")
-        fileio.write_atomic(base + ".ends", ends.tobytes())
-        os.replace(base + ".tokens.tmp", base + ".tokens")
+        store_files.write_atomic(store_files.join(self.directory, self.name + ".ends"), ends.tobytes())
+        self.file.commit()  # the .tokens file last: a shard whose tokens exist is whole
         return {"name": self.name, "num_tokens": self.num_tokens, "num_docs": self.num_docs,
                 "num_bytes": self.num_bytes, "digest": self.digest.hexdigest()[:16]}
 
 
 def write_split(docs: Iterable[str], tokenizer, directory: str, settings: dict, *, shard_tokens: int,
-                batch_bytes: int, log=print) -> list[dict]:
+                batch_bytes: int, log=print) -> tuple[list[dict], np.ndarray]:
     """Tokenize `docs` into shards under `directory`, resuming after the shards a previous,
-    interrupted run with the same `settings` finished. Returns the shard entries."""
-    os.makedirs(directory, exist_ok=True)
-    progress_path = os.path.join(directory, PROGRESS)
+    interrupted run with the same `settings` finished. Returns the shard entries and how often
+    each id occurs."""
+    store_files.makedirs(directory)
+    progress_path = store_files.join(directory, PROGRESS)
     shards: list[dict] = []
-    if os.path.isfile(progress_path):
-        with open(progress_path) as f:
-            progress = json.load(f)
+    if store_files.exists(progress_path):
+        progress = json.loads(store_files.read_bytes(progress_path))
         if progress["settings"] != settings:
             raise StoreError(
                 f"{directory} holds an interrupted store made with other settings "
@@ -157,11 +154,15 @@ def write_split(docs: Iterable[str], tokenizer, directory: str, settings: dict, 
         if shards:
             log(f"{directory}: resuming after {len(shards)} finished shards")
     dtype = np.dtype(settings["dtype"])
+    vocab_size = settings["tokenizer"]["vocab_size"]
+    counts = _count_ids([store_files.join(directory, s["name"] + ".tokens") for s in shards if s["num_tokens"]],
+                        dtype, vocab_size)
     skip = sum(s["num_docs"] for s in shards)
     writer = None
     start, done_bytes = time.perf_counter(), 0
     for batch in _batches(itertools.islice(docs, skip, None), batch_bytes):
         tokens, ends = _encode(tokenizer, batch, dtype)
+        counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
         if writer is None:
             writer = _ShardWriter(directory, len(shards))
         writer.add(batch, tokens, ends)
@@ -169,14 +170,14 @@ def write_split(docs: Iterable[str], tokenizer, directory: str, settings: dict, 
         if writer.num_tokens >= shard_tokens:
             shards.append(writer.finish())
             writer = None
-            fileio.write_atomic(progress_path, json.dumps({"settings": settings, "shards": shards}).encode())
+            store_files.write_atomic(progress_path, json.dumps({"settings": settings, "shards": shards}).encode())
             seconds = time.perf_counter() - start
             log(f"{directory}: shard {len(shards) - 1} done, {sum(s['num_tokens'] for s in shards):,} tokens "
                 f"({done_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s of text)")
     if writer is not None:
         shards.append(writer.finish())
-        fileio.write_atomic(progress_path, json.dumps({"settings": settings, "shards": shards}).encode())
-    return shards
+        store_files.write_atomic(progress_path, json.dumps({"settings": settings, "shards": shards}).encode())
+    return shards, counts
 
 
 def write_store(split_docs: dict[str, Iterable[str]], tokenizer, tokenizer_kind: str, out_dir: str, *,
@@ -187,8 +188,8 @@ def write_store(split_docs: dict[str, Iterable[str]], tokenizer, tokenizer_kind:
         raise ValueError("the tokenizer has no EOS id, which the store puts after every document")
     identity = tokenizer_identity(tokenizer, tokenizer_kind)
     dtype = token_dtype(tokenizer.vocab_size)
-    index_path = os.path.join(out_dir, INDEX)
-    if os.path.isfile(index_path):
+    index_path = store_files.join(out_dir, INDEX)
+    if store_files.exists(index_path):
         index = read_index(out_dir)
         check_tokenizer(index, tokenizer, out_dir)
         if index["source"] != source:
@@ -200,16 +201,14 @@ def write_store(split_docs: dict[str, Iterable[str]], tokenizer, tokenizer_kind:
     for split, docs in split_docs.items():
         settings = {"format": FORMAT, "version": VERSION, "tokenizer": identity, "dtype": dtype.str,
                     "shard_tokens": int(shard_tokens), "source": source, "split": split}
-        directory = os.path.join(out_dir, split)
-        shards = write_split(docs, tokenizer, directory, settings, shard_tokens=shard_tokens,
+        directory = store_files.join(out_dir, split)
+        shards, counts = write_split(docs, tokenizer, directory, settings, shard_tokens=shard_tokens,
                              batch_bytes=batch_bytes, log=log)
-        if not shards and split == "train":
+        if split == "train" and not any(s["num_bytes"] for s in shards):
             raise ValueError(f"data.source {source.get('source')!r} has no documents in split {split!r}")
-        counts = _count_ids([os.path.join(directory, s["name"] + ".tokens") for s in shards if s["num_tokens"]],
-                            dtype, tokenizer.vocab_size)
-        with open(os.path.join(directory, COUNTS + ".tmp"), "wb") as f:
-            np.save(f, counts)
-        os.replace(os.path.join(directory, COUNTS + ".tmp"), os.path.join(directory, COUNTS))
+        buffer = io.BytesIO()
+        np.save(buffer, counts)
+        store_files.write_atomic(store_files.join(directory, COUNTS), buffer.getvalue())
         splits[split] = {
             "num_tokens": sum(s["num_tokens"] for s in shards), "num_docs": sum(s["num_docs"] for s in shards),
             "num_bytes": sum(s["num_bytes"] for s in shards),
@@ -220,22 +219,30 @@ def write_store(split_docs: dict[str, Iterable[str]], tokenizer, tokenizer_kind:
             f"{splits[split]['num_tokens']:,} tokens in {len(shards)} shards")
     index = {"format": FORMAT, "version": VERSION, "tokenizer": identity, "dtype": dtype.str,
              "shard_tokens": int(shard_tokens), "source": source, "splits": splits}
-    fileio.write_atomic(index_path, json.dumps(index, indent=1).encode())
+    store_files.write_atomic(index_path, json.dumps(index, indent=1).encode())
     for split in splits:
-        if os.path.exists(os.path.join(out_dir, split, PROGRESS)):
-            os.remove(os.path.join(out_dir, split, PROGRESS))
+        store_files.remove(store_files.join(out_dir, split, PROGRESS))
     return index
 
 
 def _count_ids(paths: Sequence[str], dtype: np.dtype, vocab_size: int, chunk: int = 1 << 22) -> np.ndarray:
-    """How often each id occurs in the shards, read a few MB at a time."""
+    """How often each id occurs in the shards (those a resumed run finished before), read a few
+    MB at a time."""
     counts = np.zeros(vocab_size, np.int64)
     for path in paths:
-        ids = np.memmap(path, dtype=dtype, mode="r")
-        for start in range(0, len(ids), chunk):
-            counts += np.bincount(ids[start : start + chunk], minlength=vocab_size)[:vocab_size]
-        del ids
+        total = store_files.size(path) // dtype.itemsize
+        for start in range(0, total, chunk):
+            ids = np.frombuffer(_read(path, start * dtype.itemsize, min(start + chunk, total) * dtype.itemsize), dtype)
+            counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
     return counts
+
+
+def _read(path: str, start: int, stop: int) -> bytes:
+    if store_files.is_remote(path):
+        return store_files.read_range(path, start, stop)
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(stop - start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,10 +250,9 @@ def _count_ids(paths: Sequence[str], dtype: np.dtype, vocab_size: int, chunk: in
 
 
 def read_index(directory: str) -> dict:
-    path = epath.Path(directory) / INDEX
-    if not path.exists():
-        if (epath.Path(directory)).exists() and any((epath.Path(directory) / s / PROGRESS).exists()
-                                                    for s in ("train", "validation")):
+    path = store_files.join(directory, INDEX)
+    if not store_files.exists(path):
+        if any(store_files.exists(store_files.join(directory, s, PROGRESS)) for s in ("train", "validation")):
             raise IncompleteStoreError(
                 f"token store {directory} is incomplete (no {INDEX}): its prepare was interrupted; run "
                 f"python -m lmjax.data.prepare --store again to finish it"
@@ -254,7 +260,7 @@ def read_index(directory: str) -> dict:
         raise IncompleteStoreError(f"no token store at {directory} (no {INDEX}): write one with "
                                    f"python -m lmjax.data.prepare --store")
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(store_files.read_bytes(path))
     except ValueError as e:
         raise StoreFormatError(f"{path} is not a token store index: {e}") from e
     if index.get("format") != FORMAT or index.get("version") != VERSION:
@@ -284,7 +290,7 @@ class StoreTokens:
         if info is None:
             raise StoreError(f"token store {directory} has no split {split!r} (it has {sorted(index['splits'])})")
         self.dtype = np.dtype(index["dtype"])
-        self.paths = [str(epath.Path(directory) / split / (s["name"] + ".tokens")) for s in info["shards"]]
+        self.paths = [store_files.join(directory, split, s["name"] + ".tokens") for s in info["shards"]]
         sizes = np.array([s["num_tokens"] for s in info["shards"]], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
         for path, n in zip(self.paths, sizes):
@@ -294,7 +300,7 @@ class StoreTokens:
     @staticmethod
     def _check_size(path: str, expected: int) -> None:
         try:
-            actual = epath.Path(path).stat().length
+            actual = store_files.size(path)
         except (OSError, FileNotFoundError) as e:
             raise UnreadableShardError(f"token store shard {path} cannot be read: {e}") from e
         if actual != expected:
@@ -306,10 +312,14 @@ class StoreTokens:
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_files"} | {"_files": {}}
 
-    def _file(self, shard: int):
+    def _read(self, shard: int, start: int, stop: int) -> bytes:
+        path = self.paths[shard]
+        if store_files.is_remote(path):
+            return store_files.read_range(path, start, stop)
         if shard not in self._files:
-            self._files[shard] = epath.Path(self.paths[shard]).open("rb")
-        return self._files[shard]
+            self._files[shard] = open(path, "rb")  # noqa: SIM115 - held open across reads
+        # A positioned read, not seek + read: prefetch threads share this object.
+        return os.pread(self._files[shard].fileno(), stop - start, start)
 
     def __getitem__(self, key: slice) -> np.ndarray:
         if not isinstance(key, slice) or key.step not in (None, 1):
@@ -320,10 +330,9 @@ class StoreTokens:
         while pos < stop:
             shard = int(np.searchsorted(self.starts, pos, side="right")) - 1
             end = min(stop, int(self.starts[shard + 1]))
-            f = self._file(shard)
-            f.seek((pos - int(self.starts[shard])) * self.dtype.itemsize)
+            offset = (pos - int(self.starts[shard])) * self.dtype.itemsize
             nbytes = (end - pos) * self.dtype.itemsize
-            data = f.read(nbytes)
+            data = self._read(shard, offset, offset + nbytes)
             if len(data) != nbytes:
                 raise UnreadableShardError(f"token store shard {self.paths[shard]} ended early "
                                            f"({len(data)} of {nbytes} bytes at token {pos - self.starts[shard]})")
@@ -331,21 +340,26 @@ class StoreTokens:
             pos = end
         return out
 
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """All of the split's tokens in memory, for the evaluations that want an array (small splits)."""
+        return self[:] if dtype is None else self[:].astype(dtype)
 
-def read_split(directory: str, split: str, tokenizer) -> dict:
-    """What the pipeline needs of one split: tokens (StoreTokens), global document ends, text bytes
-    and token counts, after checking the format, the tokenizer and every shard's size."""
+
+def read_split(directory: str, split: str, tokenizer, *, doc_ends: bool = True) -> dict:
+    """What the pipeline needs of one split: tokens (StoreTokens), global document ends (only with
+    `doc_ends`: concat packing needs none, and they grow with the corpus), the document count, text
+    bytes and token counts, after checking the format, the tokenizer and every shard's size."""
     index = read_index(directory)
     check_tokenizer(index, tokenizer, directory)
     tokens = StoreTokens(directory, split, index)
-    ends, offset = [], 0
-    for shard, start in zip(index["splits"][split]["shards"], tokens.starts):
-        path = str(epath.Path(directory) / split / (shard["name"] + ".ends"))
-        StoreTokens._check_size(path, shard["num_docs"] * 8)
-        ends.append(np.frombuffer(epath.Path(path).read_bytes(), "<i8") + start)
-    counts_path = epath.Path(directory) / split / COUNTS
-    with counts_path.open("rb") as f:
-        counts = np.load(f)
     info = index["splits"][split]
-    return {"tokens": tokens, "doc_ends": np.concatenate([np.zeros(0, np.int64), *ends]), "num_bytes": np.int64(info["num_bytes"]),
-            "counts": counts}
+    out = {"tokens": tokens, "num_docs": int(info["num_docs"]), "num_bytes": np.int64(info["num_bytes"])}
+    if doc_ends:
+        ends = []
+        for shard, start in zip(info["shards"], tokens.starts):
+            path = store_files.join(directory, split, shard["name"] + ".ends")
+            StoreTokens._check_size(path, shard["num_docs"] * 8)
+            ends.append(np.frombuffer(store_files.read_bytes(path), "<i8") + start)
+        out["doc_ends"] = np.concatenate([np.zeros(0, np.int64), *ends])
+    out["counts"] = np.load(io.BytesIO(store_files.read_bytes(store_files.join(directory, split, COUNTS))))
+    return out

@@ -101,7 +101,7 @@ def eval_batch_size(config: config_dict.ConfigDict) -> int:
 def unigram_entropy(config: config_dict.ConfigDict, tokenizer: data.Tokenizer) -> float:
     """Entropy (nats/token) of the train split's token frequencies: the loss of a model that ignores
     context, the baseline a language model must beat. Read from the pipeline's cached token array."""
-    data = pipeline_lib.tokenize_split(config.data, "train", tokenizer)
+    data = pipeline_lib.tokenize_split(config.data, "train", tokenizer, doc_ends=False)
     counts = data["counts"] if "counts" in data else np.bincount(data["tokens"], minlength=tokenizer.vocab_size)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
