@@ -52,7 +52,7 @@ SIZES = {
         pretrain_seq=128, pretrain_lr=3e-3, seq_len=128, max_prompt_chars=300, max_response_chars=150,
         max_new_tokens=48, sft_steps=250, sft_batch=16, sft_lr=1e-3, pair_prompts=400, samples_per_prompt=4,
         reward_steps=120, reward_batch=16, reward_lr=3e-4, dpo_steps=100, dpo_batch=16, dpo_lr=1e-4, dpo_beta=0.1,
-        ppo_steps=40, ppo_batch=32, ppo_lr=1e-4, kl_coef=0.05, judge_every=10, eval_prompts=100, eval_samples=4,
+        ppo_steps=40, ppo_batch=32, ppo_lr=1e-4, kl_coefs="0.05,0.2", judge_every=10, eval_prompts=100, eval_samples=4,
         min_pairs=64, chunk=128, pretrain_eval_batches=4,
     ),
     "tiny": dict(
@@ -60,7 +60,7 @@ SIZES = {
         pretrain_seq=64, pretrain_lr=3e-3, seq_len=96, max_prompt_chars=120, max_response_chars=60,
         max_new_tokens=16, sft_steps=4, sft_batch=8, sft_lr=1e-3, pair_prompts=8, samples_per_prompt=2,
         reward_steps=3, reward_batch=4, reward_lr=3e-4, dpo_steps=3, dpo_batch=4, dpo_lr=1e-4, dpo_beta=0.1,
-        ppo_steps=2, ppo_batch=4, ppo_lr=3e-5, kl_coef=0.05, judge_every=1, eval_prompts=6, eval_samples=2,
+        ppo_steps=2, ppo_batch=4, ppo_lr=3e-5, kl_coefs="0.05", judge_every=1, eval_prompts=6, eval_samples=2,
         min_pairs=8, chunk=16, pretrain_eval_batches=0,
     ),
 }
@@ -110,10 +110,11 @@ def pretrain(runs: str, size: dict) -> str:
     return workdir
 
 
-def posttrain(mode: str, init_from: str, runs: str, overrides: dict[str, Any]) -> tuple[str, list[dict]]:
-    """One post-training run (a preset of configs/posttrain/ with `overrides`); its workdir and metrics."""
+def posttrain(mode: str, init_from: str, runs: str, overrides: dict[str, Any], name: str = "") -> tuple[str, list[dict]]:
+    """One post-training run (a preset of configs/posttrain/ with `overrides`) in runs/<name or mode>;
+    its workdir and metrics."""
     config = config_lib.load(f"configs/posttrain/{mode}.py", overrides)
-    workdir = os.path.join(runs, mode)
+    workdir = os.path.join(runs, name or mode)
     pt_trainer.train(mode, config, init_from, workdir)
     return workdir, metrics.read_metrics(workdir)
 
@@ -176,7 +177,7 @@ def response_rows(template: chat.ChatTemplate, prompts: list[str], samples: list
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _logps_fn(model_json: str):
     """One jitted program per model shape (every policy and the reference share it)."""
     lm = model.Transformer(config_dict.ConfigDict(json.loads(model_json)))
@@ -322,12 +323,14 @@ def run_pipeline(size: dict, runs: str, log=print) -> dict:
         "checkpoint.every_steps": steps})
     lap("reward model")
 
-    steps = size["ppo_steps"]
-    ppo_dir, ppo_records = posttrain("ppo", sft_dir, runs, {
-        **seq, "train.steps": steps, "train.batch_size": size["ppo_batch"], "optim.lr": size["ppo_lr"],
-        "train.log_every": 1, "checkpoint.every_steps": size["judge_every"], "checkpoint.max_to_keep": steps,
-        "checkpoint.async_save": False, "ppo.reward_from": reward_dir, "ppo.max_new_tokens": size["max_new_tokens"],
-        "ppo.kl_coef": size["kl_coef"], "posttrain.train_file": sft_files["train"]})
+    steps, ppo = size["ppo_steps"], []
+    for i, coef in enumerate(float(c) for c in str(size["kl_coefs"]).split(",")):
+        ppo_dir, ppo_records = posttrain("ppo", sft_dir, runs, {
+            **seq, "train.steps": steps, "train.batch_size": size["ppo_batch"], "optim.lr": size["ppo_lr"],
+            "train.log_every": 1, "checkpoint.every_steps": size["judge_every"], "checkpoint.max_to_keep": steps,
+            "checkpoint.async_save": False, "ppo.reward_from": reward_dir, "ppo.max_new_tokens": size["max_new_tokens"],
+            "ppo.kl_coef": coef, "posttrain.train_file": sft_files["train"]}, name="ppo" if i == 0 else f"ppo_kl{coef}")
+        ppo.append({"kl_coef": coef, "dir": ppo_dir, "records": ppo_records, "curve": []})
     lap("ppo")
 
     steps = size["dpo_steps"]
@@ -338,26 +341,30 @@ def run_pipeline(size: dict, runs: str, log=print) -> dict:
     lap("dpo")
 
     prompts = [e["prompt"] for e in validation]
-    ppo_curve = []
-    for step in [0, *checkpointing.committed_steps(ppo_dir)]:
-        policy = sft if step == 0 else Policy(ppo_dir, step)
-        ppo_curve.append({"step": step, **measure(policy, sft, prompts, size, seed=3)})
-        log(f"PPO step {step}: judge {ppo_curve[-1]['judge']:.3f}, KL k3 {ppo_curve[-1]['kl_k3']:.3f}")
-    final_ppo = Policy(ppo_dir, ppo_curve[-1]["step"])
+    sft_measured = measure(sft, sft, prompts, size, seed=3)
+    table = {"pretrained": {**measure(base, sft, prompts, size, seed=3), "val_loss": response_loss(base, validation, size)},
+             "SFT": {**sft_measured, "val_loss": response_loss(sft, validation, size)}}
+    for run in ppo:
+        run["curve"].append({"step": 0, **sft_measured})
+        for step in checkpointing.committed_steps(run["dir"]):
+            policy = Policy(run["dir"], step)
+            run["curve"].append({"step": step, **measure(policy, sft, prompts, size, seed=3)})
+            log(f"PPO (kl_coef {run['kl_coef']}) step {step}: judge {run['curve'][-1]['judge']:.3f}, "
+                f"KL k3 {run['curve'][-1]['kl_k3']:.3f}")
+        table[f"SFT + PPO (kl_coef {run['kl_coef']})"] = {**run["curve"][-1], "val_loss": response_loss(policy, validation, size)}
     dpo = Policy(dpo_dir)
-    table = {}
-    for name, policy in (("pretrained", base), ("SFT", sft), ("SFT + PPO", final_ppo), ("SFT + DPO", dpo)):
-        measured = ppo_curve[0] if name == "SFT" else ppo_curve[-1] if name == "SFT + PPO" else \
-            measure(policy, sft, prompts, size, seed=3)
-        table[name] = {**measured, "val_loss": response_loss(policy, validation, size)}
-        log(f"{name}: judge {table[name]['judge']:.3f} (greedy {table[name]['judge_greedy']:.3f}), "
-            f"val loss {table[name]['val_loss']:.4f}")
+    table["SFT + DPO"] = {**measure(dpo, sft, prompts, size, seed=3), "val_loss": response_loss(dpo, validation, size)}
+    for name, row in table.items():
+        log(f"{name}: judge {row['judge']:.3f} (greedy {row['judge_greedy']:.3f}), val loss {row['val_loss']:.4f}")
     lap("evaluation")
+    train_wall = {name: (metrics.read_summary(os.path.join(runs, name)) or {}).get("wall_time_s", float("nan"))
+                  for name in ("pretrain", "sft", "reward", *[os.path.basename(r["dir"]) for r in ppo], "dpo")}
     return {
         "size": size, "runs": runs, "timings": timings, "wall_s": time.time() - start,
         "sft_examples": (len(train), len(validation)), "pair_stats": (train_pair_stats, eval_pair_stats),
         "length_baseline": length_baseline(eval_pairs), "sft_records": sft_records, "reward_records": reward_records,
-        "ppo_records": ppo_records, "dpo_records": dpo_records, "ppo_curve": ppo_curve, "table": table,
+        "ppo": [{k: v for k, v in r.items() if k != "dir"} for r in ppo], "dpo_records": dpo_records, "table": table,
+        "train_wall_s": train_wall,
         "base_config": config_lib.to_json(base.config),
     }
 
@@ -374,29 +381,27 @@ def plot(results: dict, path: str | None = None):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(20, 3.8))
-    curve, table = results["ppo_curve"], results["table"]
-    steps = [r["step"] for r in curve]
-    ax = axes[0]
-    ax.plot(steps, [r["judge"] for r in curve], "o-", label="judge, sampled (T=1)")
-    ax.plot(steps, [r["judge_greedy"] for r in curve], "s-", label="judge, greedy")
-    ax.axhline(table["SFT + DPO"]["judge"], color="gray", ls=":", label="DPO, sampled")
-    ax.set_title("PPO: judge score on held-out prompts")
-    ax.set_xlabel("PPO step")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax = axes[1]
-    ax.plot(steps, [r["kl_k1"] for r in curve], "o-", label="k1")
-    ax.plot(steps, [r["kl_k3"] for r in curve], "s-", label="k3")
-    ax.set_title("PPO: KL to the SFT reference per response (held-out)")
-    ax.set_xlabel("PPO step")
-    ax.legend()
-    ax = axes[2]
-    records = results["ppo_records"]
-    ax.plot([r["step"] for r in records], [r["score"] for r in records], "-", label="reward-model score")
-    ax.plot([r["step"] for r in records], [r["kl_k3"] for r in records], "--", label="KL k3 (rollouts)")
-    ax.set_title("PPO: on its training rollouts")
-    ax.set_xlabel("PPO step")
-    ax.legend()
+    table = results["table"]
+    for i, run in enumerate(results["ppo"]):
+        curve, color, label = run["curve"], f"C{i}", f"kl_coef {run['kl_coef']}"
+        steps = [r["step"] for r in curve]
+        axes[0].plot(steps, [r["judge"] for r in curve], "o-", color=color, label=f"{label}, sampled (T=1)")
+        axes[0].plot(steps, [r["judge_greedy"] for r in curve], "s:", color=color, label=f"{label}, greedy")
+        axes[1].plot(steps, [r["kl_k1"] for r in curve], "o-", color=color, label=f"{label}, k1")
+        axes[1].plot(steps, [r["kl_k3"] for r in curve], "s:", color=color, label=f"{label}, k3")
+        records = run["records"]
+        axes[2].plot([r["step"] for r in records], [r["score"] for r in records], "-", color=color,
+                     label=f"{label}, reward-model score")
+        axes[2].plot([r["step"] for r in records], [r["kl_k3"] for r in records], ":", color=color,
+                     label=f"{label}, KL k3")
+    axes[0].axhline(table["SFT + DPO"]["judge"], color="gray", ls="--", label="DPO, sampled")
+    axes[0].set_title("PPO: judge score on held-out prompts")
+    axes[0].set_ylim(0, 1)
+    axes[1].set_title("PPO: KL to the SFT reference per response (held-out)")
+    axes[2].set_title("PPO: on its training rollouts")
+    for ax in axes[:3]:
+        ax.set_xlabel("PPO step")
+        ax.legend(fontsize=7)
     ax = axes[3]
     for name, records in (("reward model", results["reward_records"]), ("DPO", results["dpo_records"])):
         evals = [r for r in records if "val_accuracy" in r]
@@ -416,7 +421,7 @@ def plot(results: dict, path: str | None = None):
 
 
 def report(results: dict, wall_note: str) -> str:
-    size, table, curve = results["size"], results["table"], results["ppo_curve"]
+    size, table = results["size"], results["table"]
     train_stats, eval_stats = results["pair_stats"]
     last = lambda records: [r for r in records if "val_accuracy" in r][-1]  # noqa: E731
     reward_last, dpo_last = last(results["reward_records"]), last(results["dpo_records"])
@@ -428,7 +433,9 @@ def report(results: dict, wall_note: str) -> str:
         f"jax {jax.__version__}, Python {platform.python_version()} (its standard library is the corpus); "
         f"{wall_note}",
         "",
-        "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()) + ".",
+        "Stage times of this invocation (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items())
+        + "; training wall time of each run over all its invocations (s, from its summary.json; a stage finished "
+        "earlier resumes as done): " + ", ".join(f"{k} {v:.0f}" for k, v in results["train_wall_s"].items()) + ".",
         "",
         f"Base model: {c['model']['num_layers']} layers, d={c['model']['embed_dim']}, SentencePiece BPE "
         f"{c['data']['vocab_size']} (+4 chat ids), pretrained {size['pretrain_steps']} steps x {size['pretrain_batch']} x "
@@ -465,26 +472,16 @@ def report(results: dict, wall_note: str) -> str:
         f"**DPO** ({size['dpo_steps']} steps, beta {size['dpo_beta']}, lr {size['dpo_lr']}): held-out pair accuracy "
         f"{dpo_last['val_accuracy']:.3f}, loss {dpo_last['val_loss']:.4f}, reward margin {dpo_last['val_reward_margin']:.3f}.",
         "",
-        f"**PPO** ({size['ppo_steps']} steps of {size['ppo_batch']} prompts, lr {size['ppo_lr']}, kl_coef "
-        f"{size['kl_coef']}, responses of at most {size['max_new_tokens']} tokens at T=1), measured on the held-out "
-        "prompts at each checkpoint:",
+        f"**PPO** ({size['ppo_steps']} steps of {size['ppo_batch']} prompts, lr {size['ppo_lr']}, "
+        "2 epochs x 2 minibatches, responses of at most "
+        f"{size['max_new_tokens']} tokens at T=1, one run per KL coefficient), measured on the held-out prompts at "
+        "each checkpoint (step 0 is the SFT policy):",
         "",
-        "| step | judge, sampled | judge, greedy | finished | response tokens | KL k1 | KL k3 |",
-        "|---|---|---|---|---|---|---|",
-        *[f"| {r['step']} | {r['judge']:.3f} | {r['judge_greedy']:.3f} | {r['ended']:.3f} | {r['response_tokens']:.1f} | "
-          f"{r['kl_k1']:.3f} | {r['kl_k3']:.3f} |" for r in curve],
-        "",
-        "PPO on its own training rollouts (reward-model score and KL per response, every step; first, middle, last):",
-        "",
-        "| step | reward-model score | KL k1 | KL k3 | clip fraction | response length |",
-        "|---|---|---|---|---|---|",
-        *[f"| {r['step']} | {r['score']:.3f} | {r['kl_k1']:.3f} | {r['kl_k3']:.3f} | {r.get('clip_fraction', 0):.3f} | "
-          f"{r['response_length']:.1f} |" for r in _spread(results["ppo_records"], 7)],
-        "",
+        *[line for run in results["ppo"] for line in _ppo_lines(run)],
         "Greedy answers on held-out prompts (first lines of the prompt; body; judge):",
         "",
     ]
-    for name in ("SFT", "SFT + PPO", "SFT + DPO"):
+    for name in [n for n in table if n != "pretrained"]:
         lines.append(f"*{name}*")
         lines.append("")
         for prompt, body, passed in table[name]["examples"][:3]:
@@ -495,6 +492,25 @@ def report(results: dict, wall_note: str) -> str:
         lines.append("")
     lines.append("![PPO judge score and KL, reward model and DPO accuracy](posttrain_demo.png)")
     return "\n".join(lines) + "\n"
+
+
+def _ppo_lines(run: dict) -> list[str]:
+    return [
+        f"*kl_coef {run['kl_coef']}*",
+        "",
+        "| step | judge, sampled | judge, greedy | finished | response tokens | KL k1 | KL k3 |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r['step']} | {r['judge']:.3f} | {r['judge_greedy']:.3f} | {r['ended']:.3f} | {r['response_tokens']:.1f} | "
+          f"{r['kl_k1']:.3f} | {r['kl_k3']:.3f} |" for r in run["curve"]],
+        "",
+        "On its training rollouts (every step logged; a spread shown):",
+        "",
+        "| step | reward-model score | KL k1 | KL k3 | clip fraction | response length |",
+        "|---|---|---|---|---|---|",
+        *[f"| {r['step']} | {r['score']:.3f} | {r['kl_k1']:.3f} | {r['kl_k3']:.3f} | {r.get('clip_fraction', 0):.3f} | "
+          f"{r['response_length']:.1f} |" for r in _spread(run["records"], 6)],
+        "",
+    ]
 
 
 def _spread(records: list[dict], count: int) -> list[dict]:
@@ -520,14 +536,14 @@ def main() -> None:
     results = run_pipeline(size, args.runs)
     load_after = os.getloadavg()
     os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "posttrain_demo.json"), "w") as f:
+        json.dump({k: v for k, v in results.items() if k != "base_config"}, f, indent=1, default=str)
     plot(results, os.path.join(args.out, "posttrain_demo.png"))
     note = (f"total wall time {results['wall_s'] / 60:.1f} min; the 2-core machine was shared (load average "
             f"{load_before[1]:.1f} over the minute-5 window at the start, {load_after[1]:.1f} at the end).")
     text = report(results, note)
     with open(os.path.join(args.out, "posttrain_demo.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(args.out, "posttrain_demo.json"), "w") as f:
-        json.dump({k: v for k, v in results.items() if k not in ("base_config",)}, f, indent=1, default=str)
     print(text)
 
 

@@ -127,9 +127,10 @@ def test_posttrain_notebook_runs_every_stage_and_draws_its_curves_at_tiny_size(t
     assert len(figure_cells(notebook)) == 1, "expected the one figure of curves"
     text = printed(notebook)
     # Step 0 is the SFT policy measured against itself: its KL to the reference is exactly 0.
-    assert re.search(r"PPO step   0: judge [0-9.]+ \(greedy [0-9.]+\), KL k1 0\.000 k3 0\.000", text), text[-3000:]
-    assert "PPO step   2: judge" in text  # every PPO checkpoint was measured
-    assert "SFT + PPO" in text and "SFT + DPO" in text and "pretrained" in text
+    assert re.search(r"PPO kl_coef 0.05 step   0: judge [0-9.]+ \(greedy [0-9.]+\), KL k1 0\.000 k3 0\.000",
+                     text), text[-3000:]
+    assert "PPO kl_coef 0.05 step   2: judge" in text  # every PPO checkpoint was measured
+    assert "SFT + PPO (kl_coef 0.05)" in text and "SFT + DPO" in text and "pretrained" in text
     runs = tmp_path / "runs"
     for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
         assert (runs / stage / "metrics.jsonl").exists(), stage
