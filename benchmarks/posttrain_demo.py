@@ -2,7 +2,7 @@
 standard library, instruction-tune it to write a function's body from its signature and docstring,
 then align it with preferences over its OWN samples, labelled by a program: "the function parses".
 
-    python -m benchmarks.posttrain_demo [--size=full|tiny] [--out=benchmarks/results/posttrain]
+    python -m benchmarks.posttrain_demo [--size=full|tiny] [--set ppo_lr=3e-5 ...] [--out=benchmarks/results/posttrain]
 
 1. Pretrain (lmjax.train.trainer, `pystdlib` source, SentencePiece BPE): resumable like any run.
 2. SFT on (signature + docstring -> body) pairs extracted with `ast` (lmjax.posttrain.stdlib); the
@@ -11,8 +11,8 @@ then align it with preferences over its OWN samples, labelled by a program: "the
    <|end|> and prompt + body parses as one function, lmjax.posttrain.stdlib.parses) labels them; a
    prompt whose samples the judge splits gives pairs (a passing sample chosen, a failing one rejected).
 4. A reward model on those pairs (held-out pairwise accuracy, beside the judge's ceiling and a
-   length baseline); PPO against it (judge score and KL to the reference over steps, on held-out
-   prompts); DPO on the same pairs; a table of judge score and held-out response loss (the alignment tax).
+   length baseline); PPO against it, one run per KL coefficient in `kl_coefs` (judge score and KL to
+   the reference at every checkpoint, on held-out prompts); DPO on the same pairs; a table of judge score and held-out response loss (the alignment tax).
 
 Every stage runs through the library (lmjax.train.trainer.train, lmjax.posttrain.trainer.train) with
 the presets in configs/posttrain/ and a few overrides; re-running the script resumes finished stages.
