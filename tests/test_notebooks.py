@@ -4,6 +4,7 @@ right thing where lmjax is not installed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -74,7 +75,9 @@ def test_inference_notebook_plots_loss_vs_layers_and_vs_sparsity(tmp_path, monke
 
 
 EVALS_NOTEBOOK = os.path.join(REPO, "notebooks", "evals.ipynb")
-NOTEBOOKS = [NOTEBOOK, os.path.join(REPO, "notebooks", "scaling_laws.ipynb"), INFERENCE_NOTEBOOK, EVALS_NOTEBOOK]
+POSTTRAIN_NOTEBOOK = os.path.join(REPO, "notebooks", "posttrain.ipynb")
+NOTEBOOKS = [NOTEBOOK, os.path.join(REPO, "notebooks", "scaling_laws.ipynb"), INFERENCE_NOTEBOOK, EVALS_NOTEBOOK,
+             POSTTRAIN_NOTEBOOK]
 
 
 def install_cell(path: str) -> str:
@@ -117,3 +120,22 @@ def test_evals_notebook_draws_its_four_figures_at_tiny_size(tmp_path, monkeypatc
     # every checkpoint of the two checkpointed runs was measured, and every answer digit of the third
     assert text.count("step ") >= 2 and "t= 9:" in text
     assert (tmp_path / "arithmetic" / "evals" / "8.json").exists()
+
+
+@pytest.mark.slow
+def test_posttrain_notebook_runs_every_stage_and_draws_its_curves_at_tiny_size(tmp_path, monkeypatch):
+    notebook = execute(POSTTRAIN_NOTEBOOK, monkeypatch, {"LMJAX_NOTEBOOK_TINY": "1", "LMJAX_NOTEBOOK_WORKDIR": str(tmp_path)})
+    assert len(figure_cells(notebook)) == 1, "expected the one figure of curves"
+    text = printed(notebook)
+    # Step 0 is the SFT policy measured against itself: its KL to the reference is exactly 0.
+    assert re.search(r"PPO kl_coef 0.05 step   0: judge [0-9.]+ \(greedy [0-9.]+\), KL k1 0\.000 k3 0\.000",
+                     text), text[-3000:]
+    assert "PPO kl_coef 0.05 step   2: judge" in text  # every PPO checkpoint was measured
+    assert "SFT + PPO (kl_coef 0.05)" in text and "SFT + DPO" in text and "pretrained" in text
+    runs = tmp_path / "runs"
+    for stage in ("pretrain", "sft", "reward", "ppo", "dpo"):
+        assert (runs / stage / "metrics.jsonl").exists(), stage
+    from lmjax.posttrain import stdlib
+
+    pairs = [json.loads(line) for line in (runs / "data" / "pairs_train.jsonl").read_text().splitlines()]
+    assert pairs and all(stdlib.parses(p["prompt"], p["chosen"]) for p in pairs)  # the judge's chosen side parses

@@ -201,8 +201,10 @@ class PPORun(loop.Run):
         config, p, setup = self.config, self.config.ppo, self.setup
         prompts = [self.prompts[i] for i in next(self.stream)["prompt_index"][:, 0]]
         key = jax.random.fold_in(jax.random.key(int(config.train.seed)), step)
+        # Prompts left-padded to the longest that fits: every rollout batch runs one compiled sampler.
         responses = model.generate(config.model, state.params["policy"], prompts, int(p.max_new_tokens),
-                                   temperature=float(p.temperature), rng=key, eos_id=self.template.end_id)
+                                   temperature=float(p.temperature), rng=key, eos_id=self.template.end_id,
+                                   min_prompt_len=int(config.data.seq_len) - int(p.max_new_tokens))
         rows = rollout_rows(prompts, responses, self.template.end_id, int(p.max_new_tokens),
                             int(config.data.seq_len), setup.tokenizer.pad_id)
         batch = sharding.shard_batch(rows, setup.mesh, setup.rules)
