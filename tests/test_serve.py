@@ -406,6 +406,47 @@ def test_a_request_gets_the_same_numbers_whichever_key_bucket_served_it(run, mon
         engine.stop()
 
 
+def test_the_decode_step_writes_the_donated_cache_in_place_without_copying_it(served):
+    """The step's output cache is the input's buffers (donated), and the compiled step holds no copy
+    or transpose of a whole layer's cache (each layer's keys are read where they lie, once)."""
+    engine = served.engine
+    cache = decoding.init_cache(engine.cfg, MAX_SLOTS, MAX_LEN, per_row_index=True)
+    layers = jax.tree.leaves(cache["layers"])
+    pointers = [x.unsafe_buffer_pointer() for x in layers]
+    requests = [engine_lib.Request([1], 1, emit=None, temperature=0.5, seed=i) for i in range(MAX_SLOTS)]
+    args = (engine.cfg, engine.params, cache, np.arange(MAX_SLOTS, dtype=np.int32), np.ones(MAX_SLOTS, bool),
+            engine_lib._settings(requests), np.zeros(MAX_SLOTS, np.int32))
+    program = engine_lib.decode_slots.lower(*args, keys=MAX_LEN).compile().as_text()
+    new, _ = engine_lib.decode_slots(*args, keys=MAX_LEN)
+    assert all(x.is_deleted() for x in layers)
+    assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(new["layers"])] == pointers
+    size = layers[0].size
+    copied = [line for line in program.splitlines() if (" copy(" in line or " transpose(" in line)
+              and np.prod([int(d) for d in line.split("[", 1)[1].split("]", 1)[0].split(",") if d]) == size]
+    assert not copied, copied[:2]
+
+
+def test_updates_waiting_together_come_out_as_one_event_per_choice(served):
+    """A client behind the engine gets its waiting tokens in one event: text joined, every token's
+    log-prob kept in order, and the finish of the last."""
+    server = served.app.state.server
+    tokens = [engine_lib.Token(104, -0.5, ((104, -0.5),)), engine_lib.Token(105, -1.5, ((7, -0.25),)),
+              engine_lib.Token(33, -2.5, ((33, -2.5),))]
+
+    async def drain():
+        queue = asyncio.Queue()
+        choices = [app_lib.Choice(i, engine_lib.Request([1], 3, emit=None), server.tokenizer, [], "", False)
+                   for i in range(2)]
+        for t, token in enumerate(tokens):
+            for index in (0, 1):
+                queue.put_nowait((index, engine_lib.Update(tokens=(token,), finish="length" if t == 2 else None)))
+        return choices, [item async for item in server.updates(None, choices, queue, poll_disconnect=False)]
+
+    choices, items = asyncio.run(drain())
+    assert [(c.index, new_text, got) for c, new_text, got in items] == [(0, "hi!", tokens), (1, "hi!", tokens)]
+    assert [c.finish for c in choices] == ["length", "length"]
+
+
 def test_key_buckets_cover_the_context():
     assert engine_lib.key_buckets(128) == [32, 64, 128]
     assert engine_lib.key_buckets(100) == [32, 64, 100]

@@ -66,37 +66,48 @@ class Projection(nn.Module):
         return y
 
 
-def cache_write(cache_BxSx: jnp.ndarray, new_BxLx: jnp.ndarray, index) -> jnp.ndarray:
-    """Writes `new` into the cache at slot `index`: a scalar shared by the batch, or [B], one per row
-    (a server's slots each hold a request of its own length)."""
+def cache_axes(cfg) -> str:
+    """The axis order of the cached keys and values: [B, K, S, E] ("bkse") for the einsum path, whose
+    batched dots read each kv head's slots as one matrix (from a [B, S, K, E] cache they would copy the
+    whole cache into that order at every decode step); [B, S, K, E] ("bske") for the fused paths,
+    whose API takes that order."""
+    return "bkse" if cfg.attention == "einsum" else "bske"
+
+
+def cache_write(cache_BxSx: jnp.ndarray, new_BxLx: jnp.ndarray, index, axis: int = 1) -> jnp.ndarray:
+    """Writes `new` into the cache at slot `index` of the slot `axis`: a scalar shared by the batch, or
+    [B], one per row (a server's slots each hold a request of its own length). In place when the
+    cache is donated."""
     new_BxLx = new_BxLx.astype(cache_BxSx.dtype)
     if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(cache_BxSx, new_BxLx, (0, index) + (0,) * (cache_BxSx.ndim - 2))
+        return jax.lax.dynamic_update_slice_in_dim(cache_BxSx, new_BxLx, index, axis)
 
     def write_row(row_Sx, new_Lx, start):
-        return jax.lax.dynamic_update_slice(row_Sx, new_Lx, (start,) + (0,) * (row_Sx.ndim - 1))
+        return jax.lax.dynamic_update_slice_in_dim(row_Sx, new_Lx, start, axis - 1)
 
     return jax.vmap(write_row)(cache_BxSx, new_BxLx, index)
 
 
 def einsum_attention(
     q_BxLxHxE: jnp.ndarray,
-    k_BxSxKxE: jnp.ndarray,
-    v_BxSxKxE: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
     mask_Bx1xLxS: jnp.ndarray,
     bias_BxHxLxS: jnp.ndarray | None,
     dropout: nn.Module | None = None,
+    kv_axes: str = "bske",
 ) -> jnp.ndarray:
     """softmax(q k^T / sqrt(E) + bias, masked) v, each group of G query heads sharing one kv head.
 
-    The logits and softmax are float32 whatever the compute dtype: in bfloat16 the exponentials of
-    long rows lose the small probabilities and the max-subtraction is too coarse.
+    Keys and values are [B, S, K, E] (this call's own) or in the order `kv_axes` names (a cache's,
+    see `cache_axes`). The logits and softmax are float32 whatever the compute dtype: in bfloat16
+    the exponentials of long rows lose the small probabilities and the max-subtraction is too coarse.
     """
     B, L, H, E = q_BxLxHxE.shape
-    K = k_BxSxKxE.shape[2]
+    K = k.shape[kv_axes.index("k")]
     q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
     logits_BxKxGxLxS = jnp.einsum(
-        "blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32
+        f"blkge,{kv_axes}->bkgls", q_BxLxKxGxE, k, preferred_element_type=jnp.float32
     ) / jnp.float32(math.sqrt(E))
     if bias_BxHxLxS is not None:
         logits_BxKxGxLxS += bias_BxHxLxS.reshape(B, K, H // K, L, -1)
@@ -104,7 +115,7 @@ def einsum_attention(
     probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
     if dropout is not None:
         probs_BxKxGxLxS = dropout(probs_BxKxGxLxS)
-    out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxS.astype(v_BxSxKxE.dtype), v_BxSxKxE)
+    out_BxLxKxGxE = jnp.einsum(f"bkgls,{kv_axes}->blkge", probs_BxKxGxLxS.astype(v.dtype), v)
     return out_BxLxKxGxE.reshape(B, L, H, E)
 
 
@@ -146,18 +157,19 @@ class Attention(nn.Module):
             k_BxLxKxE = pos_lib.apply_rope(k_BxLxKxE, ctx["q_positions"], inv_freq)
         q_BxLxHxE = nn.with_logical_constraint(q_BxLxHxE, ("batch", "length", "heads", "head_dim"))
 
-        new_cache = None
+        new_cache, kv_axes, k, v = None, "bske", k_BxLxKxE, v_BxLxKxE
         if cache is not None:
-            k_BxSxKxE = cache_write(cache["k"], k_BxLxKxE, ctx["cache_index"])
-            v_BxSxKxE = cache_write(cache["v"], v_BxLxKxE, ctx["cache_index"])
-            new_cache = {"k": k_BxSxKxE, "v": v_BxSxKxE}
+            kv_axes = cache_axes(cfg)
+            slot_axis = kv_axes.index("s")
+            order = tuple("bske".index(axis) for axis in kv_axes)
+            k = cache_write(cache["k"], k_BxLxKxE.transpose(order), ctx["cache_index"], slot_axis)
+            v = cache_write(cache["v"], v_BxLxKxE.transpose(order), ctx["cache_index"], slot_axis)
+            new_cache = {"k": k, "v": v}
             # A caller may pass the positions of only a prefix of the cache: attend over that prefix.
             S = ctx["k_positions"].shape[1]
-            k_BxSxKxE, v_BxSxKxE = k_BxSxKxE[:, :S], v_BxSxKxE[:, :S]
-        else:
-            k_BxSxKxE, v_BxSxKxE = k_BxLxKxE, v_BxLxKxE
-        k_BxSxKxE = nn.with_logical_constraint(k_BxSxKxE, ("batch", "length", "kv_heads", "head_dim"))
-        v_BxSxKxE = nn.with_logical_constraint(v_BxSxKxE, ("batch", "length", "kv_heads", "head_dim"))
+            k, v = (jax.lax.slice_in_dim(x, 0, S, axis=slot_axis) for x in (k, v))
+        names = {"b": "batch", "s": "length", "k": "kv_heads", "e": "head_dim"}
+        k, v = (nn.with_logical_constraint(x, tuple(names[axis] for axis in kv_axes)) for x in (k, v))
 
         bias_BxHxLxS = None
         if cfg.position == "alibi":
@@ -167,8 +179,8 @@ class Attention(nn.Module):
         if cfg.attention in ("dot_product", "cudnn") and not attn_dropout:
             out_BxLxHxE = jax.nn.dot_product_attention(
                 q_BxLxHxE,
-                k_BxSxKxE.astype(q_BxLxHxE.dtype),
-                v_BxSxKxE.astype(q_BxLxHxE.dtype),
+                k.astype(q_BxLxHxE.dtype),  # [B, S, K, E]: these paths' cache_axes
+                v.astype(q_BxLxHxE.dtype),
                 bias=bias_BxHxLxS,
                 mask=mask_Bx1xLxS,
                 is_causal=mask_Bx1xLxS is None,
@@ -179,9 +191,7 @@ class Attention(nn.Module):
                 L = x_BxLxD.shape[1]
                 mask_Bx1xLxS = jnp.tril(jnp.ones((L, L), bool))[None, None]
             dropout = nn.Dropout(cfg.dropout, deterministic=False) if attn_dropout else None
-            out_BxLxHxE = einsum_attention(
-                q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1xLxS, bias_BxHxLxS, dropout
-            )
+            out_BxLxHxE = einsum_attention(q_BxLxHxE, k, v, mask_Bx1xLxS, bias_BxHxLxS, dropout, kv_axes)
         else:
             raise ValueError(f"config.model.attention={cfg.attention!r}: expected one of {IMPLEMENTATIONS}")
         out_BxLxHxE = nn.with_logical_constraint(out_BxLxHxE, ("batch", "length", "heads", "head_dim"))

@@ -5,7 +5,8 @@ The cache is a plain pytree carried through the jitted loop (no mutable Flax col
                (`per_row_index`), so that rows of different lengths each write where they are
   positions    [B, S] int32, the position of the token in each slot (for ALiBi)
   segment_ids  [B, S] int32, 0 for slots that must never be attended (left padding)
-  layers       per layer {'k', 'v'}: [B, S, K, E] each; with scan_layers one dict of [N, B, S, K, E]
+  layers       per layer {'k', 'v'}: [B, K, S, E] each ([B, S, K, E] for the fused attention paths:
+               attention.cache_axes); with scan_layers one dict of [N, ...]
 Prompts of different lengths are left-padded: every row's last prompt token then sits in the same
 slot, so one shared write index serves the whole batch, while each row's positions start at 0.
 """
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import FrozenConfigDict
 
-from lmjax.model.attention import head_dim
+from lmjax.model.attention import cache_axes, head_dim
 from lmjax.model import quantization
 
 
@@ -26,7 +27,8 @@ def init_cache(cfg, batch_size: int, length: int | None = None, dtype=None, per_
     """An empty cache of `length` slots (default config.model.max_len), in the compute dtype."""
     S = cfg.max_len if length is None else length
     dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
-    shape = (batch_size, S, cfg.num_kv_heads, head_dim(cfg))
+    sizes = {"b": batch_size, "k": cfg.num_kv_heads, "s": S, "e": head_dim(cfg)}
+    shape = tuple(sizes[axis] for axis in cache_axes(cfg))
     if cfg.scan_layers:
         shape = (cfg.num_layers, *shape)
         layers = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -154,18 +154,25 @@ class Server:
     async def updates(self, request: Request, choices: list[Choice], queue: asyncio.Queue,
                       poll_disconnect: bool) -> AsyncIterator[tuple[Choice, str, list]]:
         """(choice, new text, new tokens) until every choice has finished; cancels them all on exit
-        (a disconnect, a server-side cancellation, or the normal end, where it changes nothing)."""
+        (a disconnect, a server-side cancellation, or the normal end, where it changes nothing).
+
+        Updates that are already waiting come out together, one item per choice: a client that falls
+        behind the engine then gets several tokens per event instead of falling further behind."""
         try:
             while any(c.finish is None for c in choices):
                 try:
-                    index, update = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                    first = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
                 except TimeoutError:
                     if poll_disconnect and await request.is_disconnected():
                         return
                     continue
-                choice = choices[index]
-                new_text, tokens = choice.take(update)
-                yield choice, new_text, tokens
+                merged: dict[int, tuple[str, list]] = {}
+                for index, update in [first, *(queue.get_nowait() for _ in range(queue.qsize()))]:
+                    new_text, tokens = choices[index].take(update)
+                    text_so_far, tokens_so_far = merged.get(index, ("", []))
+                    merged[index] = (text_so_far + new_text, tokens_so_far + tokens)
+                for index, (new_text, tokens) in merged.items():
+                    yield choices[index], new_text, tokens
         finally:
             for c in choices:
                 c.request.cancel()
