@@ -414,23 +414,12 @@ def test_bad_posttrain_keys_are_named():
         pt_config.check(pt_config.default_config("ppo"), "ppo")
 
 
-def test_command_line_names_a_missing_init_checkpoint(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmjax.posttrain", "--mode=sft", "--config=configs/posttrain/sft.py",
-         f"--init_from={tmp_path}/nothing", f"--workdir={tmp_path}/sft"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 1
-    assert f"error: --init_from={tmp_path}/nothing: no checkpoint in {tmp_path}/nothing/checkpoints" in proc.stderr
-    assert not os.path.exists(f"{tmp_path}/sft")
-
-
-def test_main_runs_the_posttrain_modes(tmp_path):
+@pytest.mark.parametrize("module", ["lmjax.posttrain", "lmjax.main"])
+def test_command_line_names_a_missing_init_checkpoint(tmp_path, module):
     """`python -m lmjax.main --mode=sft ...` is `python -m lmjax.posttrain --mode=sft ...`, errors included."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-m", "lmjax.main", "--mode=sft", "--config=configs/posttrain/sft.py",
+        [sys.executable, "-m", module, "--mode=sft", "--config=configs/posttrain/sft.py",
          f"--init_from={tmp_path}/nothing", f"--workdir={tmp_path}/sft"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
