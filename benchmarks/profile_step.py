@@ -29,6 +29,8 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 66, "Vocabulary size when the config
 _STEPS = flags.DEFINE_integer("steps", 20, "Traced steps.")
 _TOP = flags.DEFINE_integer("top", 25, "Most expensive ops to list.")
 _HLO_OUT = flags.DEFINE_string("hlo_out", None, "Write the step's optimized HLO here.")
+_REUSE = flags.DEFINE_bool(
+    "reuse_host_memory", True, "Reuse freed host memory as the trainer does (lmjax.host_memory); off: glibc's defaults.")
 
 PARTS = (("/attn/", "attention"), ("/mlp/", "mlp"), ("norm", "norms"),
          ("bld,dv->blv", "embedding + head"), ("embedding", "embedding + head"), ("Transformer", "other model"))
@@ -72,13 +74,15 @@ def profile(config) -> None:
     import numpy as np
 
     from lmjax import config as config_lib
-    from lmjax import sharding, train
+    from lmjax import host_memory, sharding, train
     from lmjax.model import Transformer
 
     if config.model.vocab_size is None:
         config.model.vocab_size = _VOCAB.value
     config_lib.check(config)
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+    if _REUSE.value:
+        print(f"freed host memory reused (lmjax.host_memory): {host_memory.reuse_freed_host_memory()}")
     model = Transformer(config.model)
     state, shardings = train.create_train_state(config, model, mesh)
     rows, length = int(config.train.batch_size), int(config.data.seq_len)

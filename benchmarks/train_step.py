@@ -39,6 +39,8 @@ _FAKE = flags.DEFINE_integer("fake_devices", 0, "Re-run with this many fake CPU 
 _COMPARE_MASKS = flags.DEFINE_bool(
     "compare_masks", False, "Also time the step on batches with segment_ids (a dense mask) against the causal path."
 )
+_REUSE = flags.DEFINE_bool(
+    "reuse_host_memory", True, "Reuse freed host memory as the trainer does (lmjax.host_memory); off: glibc's defaults.")
 
 FAKE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -95,7 +97,7 @@ def measure(config) -> None:
     import jax
     import numpy as np
 
-    from lmjax import hardware, sharding, train
+    from lmjax import hardware, host_memory, sharding, train
     from lmjax import model as model_lib
 
     variants = 2 if _COMPARE_MASKS.value else 1
@@ -103,6 +105,8 @@ def measure(config) -> None:
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules(config.mesh)
     model = model_lib.Transformer(config.model)
+    if _REUSE.value:
+        print(f"freed host memory reused (lmjax.host_memory): {host_memory.reuse_freed_host_memory()}")
     rows, length = int(config.train.batch_size), int(config.data.seq_len)
     flops_per_token = model_lib.flops_per_token(config.model, length)
     devices = jax.devices()

@@ -251,9 +251,11 @@ def measure_speed(say: Report, nano: Any, data: dict[str, Any], data_path: str, 
     import jax
     import torch
 
-    from lmjax import hardware, sharding, train
+    from lmjax import hardware, host_memory, sharding, train
     from lmjax import model as model_lib
 
+    # The trainer's setting (Setup), taken here before either side runs: it holds for both.
+    say(f"freed host memory reused (lmjax.host_memory, both sides): {host_memory.reuse_freed_host_memory()}")
     vocab = data["meta"]["vocab_size"]
     xs, ys = random_batches(data["train"], warmup + steps, seed)
     tokens = BATCH_SIZE * BLOCK_SIZE

@@ -18,7 +18,7 @@ from etils import epath
 from ml_collections import config_dict
 
 from lmjax import config as config_lib
-from lmjax import data, distributed, model, sharding
+from lmjax import data, distributed, host_memory, model, sharding
 from lmjax.train import checkpointing
 from lmjax.train import step as step_lib
 
@@ -31,6 +31,7 @@ class Setup:
     def __init__(self, config: config_dict.ConfigDict, workdir: str):
         config_lib.check(config)
         distributed.initialize()
+        host_memory.reuse_freed_host_memory()
         self.config = config = copy.deepcopy(config)
         self.workdir = workdir
         _pin_tokenizer(config, workdir)
