@@ -22,6 +22,7 @@ import numpy as np
 from ml_collections import FrozenConfigDict
 
 from lmjax import config as config_lib
+from lmjax import host_memory
 from lmjax.model import Transformer, decoding
 from lmjax.serve import engine as engine_lib
 
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--keys", default="32,64,128")
     parser.add_argument("--calls", type=int, default=100)
     args = parser.parse_args()
+    print(f"freed host memory reused (lmjax.host_memory, as the server does): {host_memory.reuse_freed_host_memory()}")
     c = config_lib.load(args.preset)
     c.model.vocab_size = 259
     cfg = FrozenConfigDict(c.model)
