@@ -470,6 +470,16 @@ def test_per_row_sampling_equals_decoding_sample_row_by_row():
         rows = sample_rows(logits_BxV, temperature, top_k, top_p, keys)["token"]
         for b, (t, k, p) in enumerate(settings):
             assert int(rows[b]) == int(sample(logits_BxV[b:b + 1], keys[b], t, k, p)[0])
+    # A batch where no row filters skips the sort; it draws what the filtering code draws with
+    # top-k and top-p off, and what the same row draws beside a row that filters.
+    unfiltered = sampler.filtered_logits(logits_BxV, temperature, jnp.zeros(2, jnp.int32), jnp.ones(2))
+    np.testing.assert_array_equal(unfiltered, logits_BxV / temperature[:, None])
+    mixed = sampler.filtered_logits(logits_BxV, temperature, jnp.array([0, 5]), jnp.array([1.0, 0.9]))
+    np.testing.assert_array_equal(mixed[0], unfiltered[0])
+    assert int(jnp.sum(jnp.isfinite(mixed[1]))) <= 5
+    plain = sample_rows(logits_BxV, temperature, jnp.zeros(2, jnp.int32), jnp.ones(2), keys)["token"]
+    for b in range(2):
+        assert int(plain[b]) == int(sample(logits_BxV[b:b + 1], keys[b], float(temperature[b]), 0, 1.0)[0])
     greedy = sample_rows(logits_BxV, jnp.zeros(2), top_k, top_p, keys)
     np.testing.assert_array_equal(greedy["token"], jnp.argmax(logits_BxV, axis=-1))
     np.testing.assert_allclose(greedy["logprob"], jnp.max(jax.nn.log_softmax(logits_BxV), axis=-1), rtol=1e-6)

@@ -24,20 +24,29 @@ def row_keys(seed_B: jax.Array, choice_B: jax.Array, step_B: jax.Array) -> jax.A
 
 
 def filtered_logits(logits_BxV: jax.Array, temperature_B, top_k_B, top_p_B) -> jax.Array:
-    """Logits divided by the temperature, with the tokens outside each row's top-k and nucleus at -inf."""
+    """Logits divided by the temperature, with the tokens outside each row's top-k and nucleus at -inf.
+
+    The filters need the vocabulary sorted, a large share of a small model's decode step, so a batch
+    where no row asks for top-k or top-p skips the sort (the result is the same: nothing is cut).
+    """
     V = logits_BxV.shape[-1]
     scaled_BxV = logits_BxV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
-    sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)
     k_B = jnp.where((top_k_B > 0) & (top_k_B < V), top_k_B, V)
-    kth_Bx1 = jnp.take_along_axis(sorted_BxV, (k_B - 1)[:, None], axis=-1)
-    sorted_BxV = jnp.where(jnp.arange(V)[None, :] < k_B[:, None], sorted_BxV, -jnp.inf)
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    # The smallest logit still inside the nucleus (the top token is always kept).
-    inside_BxV = (mass_before_BxV < top_p_B[:, None]) | (top_p_B[:, None] >= 1.0)
-    cutoff_Bx1 = jnp.min(jnp.where(inside_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-    cutoff_Bx1 = jnp.maximum(cutoff_Bx1, kth_Bx1)
-    return jnp.where(scaled_BxV < cutoff_Bx1, -jnp.inf, scaled_BxV)
+
+    def cut(scaled_BxV):
+        sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)
+        kth_Bx1 = jnp.take_along_axis(sorted_BxV, (k_B - 1)[:, None], axis=-1)
+        sorted_BxV = jnp.where(jnp.arange(V)[None, :] < k_B[:, None], sorted_BxV, -jnp.inf)
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        # The smallest logit still inside the nucleus (the top token is always kept).
+        inside_BxV = (mass_before_BxV < top_p_B[:, None]) | (top_p_B[:, None] >= 1.0)
+        cutoff_Bx1 = jnp.min(jnp.where(inside_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        cutoff_Bx1 = jnp.maximum(cutoff_Bx1, kth_Bx1)
+        return jnp.where(scaled_BxV < cutoff_Bx1, -jnp.inf, scaled_BxV)
+
+    filtering = jnp.any((k_B < V) | (top_p_B < 1.0))
+    return jax.lax.cond(filtering, cut, lambda scaled_BxV: scaled_BxV, scaled_BxV)
 
 
 def sample_rows(logits_BxV, temperature_B, top_k_B, top_p_B, keys_B) -> dict:
