@@ -5,6 +5,12 @@
   curl -o /tmp/input.txt https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
   python benchmarks/vs_pytorch.py --nanogpt_dir=/tmp/nanoGPT --data=/tmp/input.txt --cores=0
   python benchmarks/vs_pytorch.py --nanogpt_dir=/tmp/nanoGPT --data=/tmp/input.txt --cores=0,1 --train_iters=2000
+  python benchmarks/vs_pytorch.py --nanogpt_dir=/tmp/nanoGPT --data=/tmp/input.txt --cores=0,1 --shape=gpt_small --steps=20
+
+`--shape` sets the sizes both sides build, always with nanoGPT's architecture: the README run
+(default), `gpt_small` (configs/gpt_small.py's 4 layers, d=192, 6 heads, context 128, batch 32,
+a 4096-id vocabulary) or `10m` (benchmarks/train_step.py's ~10M: 6 layers, d=384); the last two
+train on random ids (speed only).
 
 The run compared is nanoGPT's `config/train_shakespeare_char.py` with the README's CPU flags
 (`README_FLAGS` below: 4 layers, 4 heads, d=128, 64-character context, batch 12, dropout 0, float32)
@@ -62,7 +68,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -81,6 +87,24 @@ LEARNING_RATE, BETAS, WEIGHT_DECAY, GRAD_CLIP = 1e-3, (0.9, 0.99), 0.1, 1.0
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py", os.path.join("config", "train_shakespeare_char.py"))
 NANOGPT_DATA = os.path.join("data", "shakespeare_char")
 EVAL_ROWS = 64  # validation windows per evaluation batch (both sides)
+
+
+class Shape(NamedTuple):
+    """The sizes both sides build, with nanoGPT's architecture (configs/shakespeare_char.py's choices)."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    batch_size: int
+    vocab_size: int | None  # None: tiny Shakespeare's characters; else random ids below it
+
+
+SHAPES = {
+    "shakespeare_char": Shape(N_LAYER, N_HEAD, N_EMBD, BLOCK_SIZE, BATCH_SIZE, None),
+    "gpt_small": Shape(4, 6, 192, 128, 32, 4096),  # configs/gpt_small.py's sizes (the quickstart)
+    "10m": Shape(6, 6, 384, 128, 32, 4096),  # the ~10M model of benchmarks/train_step.py
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,11 +140,12 @@ def write_nanogpt_data(text: str, directory: str) -> dict[str, Any]:
     return {**ids, "meta": meta}
 
 
-def random_batches(train_ids: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` batches drawn as nanoGPT's get_batch draws them: BATCH_SIZE random offsets, inputs the
-    BLOCK_SIZE ids there, targets the next BLOCK_SIZE. Returns int64 arrays [count, B, L]."""
-    offsets = np.random.default_rng(seed).integers(0, len(train_ids) - BLOCK_SIZE, (count, BATCH_SIZE))
-    window = offsets[..., None] + np.arange(BLOCK_SIZE)
+def random_batches(train_ids: np.ndarray, count: int, seed: int, batch_size: int = BATCH_SIZE,
+                   block_size: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """`count` batches drawn as nanoGPT's get_batch draws them: `batch_size` random offsets, inputs the
+    `block_size` ids there, targets the next ones. Returns int64 arrays [count, B, L]."""
+    offsets = np.random.default_rng(seed).integers(0, len(train_ids) - block_size, (count, batch_size))
+    window = offsets[..., None] + np.arange(block_size)
     ids = train_ids.astype(np.int64)
     return ids[window], ids[window + 1]
 
@@ -233,20 +258,21 @@ def lmjax_config(data: str, overrides: dict[str, Any] | None = None) -> Any:
     return config
 
 
-def nanogpt_model(nano: Any, vocab_size: int) -> tuple[Any, Any]:
-    """nanoGPT's GPT for the README CPU flags and its own AdamW, quietly (both print)."""
+def nanogpt_model(nano: Any, vocab_size: int, shape: Shape = SHAPES["shakespeare_char"]) -> tuple[Any, Any]:
+    """nanoGPT's GPT (the README CPU flags, at `shape`'s sizes) and its own AdamW, quietly (both print)."""
     import torch
 
     torch.manual_seed(1337)
     with contextlib.redirect_stdout(io.StringIO()):
-        gpt = nano.GPT(nano.GPTConfig(block_size=BLOCK_SIZE, vocab_size=vocab_size, n_layer=N_LAYER,
-                                      n_head=N_HEAD, n_embd=N_EMBD, dropout=0.0, bias=False))
+        gpt = nano.GPT(nano.GPTConfig(block_size=shape.block_size, vocab_size=vocab_size, n_layer=shape.n_layer,
+                                      n_head=shape.n_head, n_embd=shape.n_embd, dropout=0.0, bias=False))
         optimizer = gpt.configure_optimizers(WEIGHT_DECAY, LEARNING_RATE, BETAS, "cpu")
     return gpt, optimizer
 
 
 def measure_speed(say: Report, nano: Any, data: dict[str, Any], data_path: str, cores: list[int],
-                  steps: int, block: int, warmup: int, seed: int) -> dict[str, dict[str, float]]:
+                  steps: int, block: int, warmup: int, seed: int,
+                  shape: Shape = SHAPES["shakespeare_char"]) -> dict[str, dict[str, float]]:
     """Median train-step time of each side on the same batches, alternating blocks of steps."""
     import jax
     import torch
@@ -256,12 +282,15 @@ def measure_speed(say: Report, nano: Any, data: dict[str, Any], data_path: str, 
 
     # The trainer's setting (Setup), taken here before either side runs: it holds for both.
     say(f"freed host memory reused (lmjax.host_memory, both sides): {host_memory.reuse_freed_host_memory()}")
-    vocab = data["meta"]["vocab_size"]
-    xs, ys = random_batches(data["train"], warmup + steps, seed)
-    tokens = BATCH_SIZE * BLOCK_SIZE
+    vocab, train_ids, lmjax_vocab = data["meta"]["vocab_size"], data["train"], data["meta"]["vocab_size"] + 1
+    if shape.vocab_size:  # a subword-sized vocabulary: random ids (speed only)
+        vocab = lmjax_vocab = shape.vocab_size
+        train_ids = np.random.default_rng(seed).integers(0, vocab, 1 << 20)
+    xs, ys = random_batches(train_ids, warmup + steps, seed, shape.batch_size, shape.block_size)
+    tokens = shape.batch_size * shape.block_size
 
     # nanoGPT: its loop body (the GradScaler train.py makes is disabled without CUDA: a no-op).
-    gpt, optimizer = nanogpt_model(nano, vocab)
+    gpt, optimizer = nanogpt_model(nano, vocab, shape)
     gpt.train()
     nano_parts: dict[str, list[float]] = {"forward": [], "backward": [], "clip + AdamW": []}
 
@@ -284,13 +313,16 @@ def measure_speed(say: Report, nano: Any, data: dict[str, Any], data_path: str, 
         return t3 - t0
 
     # lmjax: the trainer's jitted step, state donated, on the same batches.
-    config = lmjax_config(data_path, {"model.vocab_size": vocab + 1})  # char ids + EOS, as the tokenizer has
+    config = lmjax_config(data_path, {  # char ids + EOS, as the tokenizer has; or the shape's vocabulary
+        "model.vocab_size": lmjax_vocab, "model.num_layers": shape.n_layer, "model.num_heads": shape.n_head,
+        "model.num_kv_heads": shape.n_head, "model.embed_dim": shape.n_embd, "data.seq_len": shape.block_size,
+        "model.max_len": shape.block_size, "train.batch_size": shape.batch_size})
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
     model = model_lib.Transformer(config.model)
     state, shardings = train.create_train_state(config, model, mesh)
     train_step = train.make_train_step(config, model, mesh, shardings)
     eval_step = train.make_eval_step(config, model, mesh, shardings)
-    weights = np.ones((BATCH_SIZE, BLOCK_SIZE), np.float32)
+    weights = np.ones((shape.batch_size, shape.block_size), np.float32)
 
     def lmjax_batch(i: int) -> dict[str, np.ndarray]:
         return {"inputs": xs[i].astype(np.int32), "targets": ys[i].astype(np.int32), "weights": weights}
@@ -334,8 +366,8 @@ def measure_speed(say: Report, nano: Any, data: dict[str, Any], data_path: str, 
     peak *= len(jax.devices())
     results = {}
     for name, seconds in times.items():
-        vocab_size = vocab if name == "nanoGPT" else vocab + 1
-        flops = model_lib.flops_per_token(dict_config(config.model, vocab_size=vocab_size), BLOCK_SIZE)
+        vocab_size = vocab if name == "nanoGPT" else lmjax_vocab
+        flops = model_lib.flops_per_token(dict_config(config.model, vocab_size=vocab_size), shape.block_size)
         median = statistics.median(seconds)
         results[name] = {
             "step_ms": median * 1e3, "min_ms": min(seconds) * 1e3, "max_ms": max(seconds) * 1e3,
@@ -344,6 +376,7 @@ def measure_speed(say: Report, nano: Any, data: dict[str, Any], data_path: str, 
         }
     ratio = results["lmjax"]["tokens_per_s"] / results["nanoGPT"]["tokens_per_s"]
     results["lmjax"]["ratio"], results["nanoGPT"]["ratio"] = ratio, 1.0
+    say(f"shape: {shape}")
     say(f"speed: {steps} timed steps per side after {warmup} warm-up steps, alternating blocks of {block}; "
         f"{tokens} tokens/step; peak {peak / 1e9:.0f} GFLOP/s ({peak_source}, lmjax.hardware)")
     for name, r in results.items():
@@ -547,7 +580,7 @@ def table(cores: list[int], speed: dict[str, dict[str, float]], losses: dict[str
 
 
 def run(nanogpt_dir: str, data_path: str, cores: list[int], steps: int, block: int, warmup: int,
-        train_iters: int, seed: int, scratch: str | None, out: str | None) -> None:
+        train_iters: int, seed: int, scratch: str | None, out: str | None, shape: str = "shakespeare_char") -> None:
     import torch
 
     default_threads = torch.get_num_threads()
@@ -572,7 +605,7 @@ def run(nanogpt_dir: str, data_path: str, cores: list[int], steps: int, block: i
     say(f"data: {data_path}, {len(text):,} characters, {data['meta']['vocab_size']} distinct; "
         f"train {len(data['train']):,}, val {len(data['val']):,}; scratch {scratch}")
     nano = load_nanogpt(nanogpt_dir)
-    speed = measure_speed(say, nano, data, data_path, cores, steps, block, warmup, seed)
+    speed = measure_speed(say, nano, data, data_path, cores, steps, block, warmup, seed, SHAPES[shape])
     losses = None
     if train_iters > 0:
         losses = compare_losses(say, nano, nanogpt_dir, text, data_path, data, scratch, train_iters)
@@ -599,6 +632,8 @@ def define_flags() -> Any:
     flags.DEFINE_integer("seed", 0, "Seed of the random batch offsets of the speed part.")
     flags.DEFINE_string("scratch", None, "Directory for data, runs and logs (default: a new one under /tmp).")
     flags.DEFINE_string("out", None, "Also write the report (markdown) to this file.")
+    flags.DEFINE_enum("shape", "shakespeare_char", list(SHAPES),
+                      "Sizes both sides build (speed); --train_iters needs shakespeare_char.")
     flags.mark_flags_as_required(["nanogpt_dir", "data"])
     return flags.FLAGS
 
@@ -618,13 +653,15 @@ def main(argv: list[str]) -> None:
         check_inputs(f.nanogpt_dir, f.data)
         if f.steps < 1 or f.block < 1 or f.warmup < 1 or f.train_iters < 0 or f.train_iters == 1:
             raise ValueError("--steps, --block and --warmup must be >= 1, --train_iters 0 or >= 2")
+        if f.train_iters and f.shape != "shakespeare_char":
+            raise ValueError(f"--train_iters trains nanoGPT's README run: it needs --shape=shakespeare_char, not {f.shape!r}")
         return parse_cores(f.cores)
 
     cores = cli.run(inputs)
     os.sched_setaffinity(0, cores)  # before torch and JAX start their thread pools
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU comparison: no accelerator probing
     cli.run(lambda: run(os.path.abspath(f.nanogpt_dir), os.path.abspath(f.data), cores, f.steps, f.block,
-                        f.warmup, f.train_iters, f.seed, f.scratch, f.out))
+                        f.warmup, f.train_iters, f.seed, f.scratch, f.out, f.shape))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 Between two decode steps the engine prefills waiting requests into free slots (one request at a
 time, its prompt padded to a power-of-two bucket so that few prefill programs are compiled), then
-runs ONE jitted decode step for all slots. A request leaves its slot the moment it ends (its token
-budget, EOS, or its client cancelled), and the slot takes the next waiting request at once.
+runs ONE jitted decode step for all slots. The step's sampled tokens stay on the device as the next
+step's input: the engine dispatches step t+1 before it hands step t's tokens to the clients, so that
+host work overlaps the model's. A request leaves its slot when its last token is handed out (its
+token budget, EOS, or its client cancelled), and the slot takes the next waiting request at once; a
+request that ended at EOS had one more token computed that nobody sees.
 
 The cache is `lmjax.model.decoding`'s, with one write index per row: every slot holds its own
 request at positions 0.. of its own, so prompts need no left padding and requests of any lengths
@@ -78,7 +81,8 @@ class Request:
     ignore_eos: bool = False
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-    generated: int = 0
+    generated: int = 0  # tokens handed to `emit`
+    dispatched: int = 0  # tokens asked of the model: `generated`, plus one while a step is in flight
 
     def cancel(self) -> None:
         """Stop generating (a client went away, or a stop string was found): the slot is freed."""
@@ -190,7 +194,8 @@ class Engine:
         self.eos_id = eos_id
         self.metrics = metrics
         self.slots: list[Request | None] = [None] * self.max_slots
-        self.next_tokens = np.zeros(self.max_slots, np.int32)
+        self.next_tokens = jnp.zeros(self.max_slots, jnp.int32)  # on the device: a step's sampled tokens
+        self._in_flight: tuple[dict, list[tuple[int, Request]]] | None = None  # a step not yet handed out
         self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
         self._pending: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -312,31 +317,52 @@ class Engine:
             self._observe_end(request)
             return
         self.slots[slot] = request
-        self._accept(slot, _tokens(first, [0])[0], prompt=scored)
+        request.dispatched = 1
+        token = _tokens(first, [0])[0]
+        self._accept(slot, request, token, prompt=scored)
+        if self.slots[slot] is request:
+            self.next_tokens = self.next_tokens.at[slot].set(token.id)
 
     def _decode(self) -> None:
-        active = np.array([r is not None for r in self.slots])
-        steps = np.array([r.generated if r is not None else 0 for r in self.slots], np.int32)
-        # A request's next token goes to cache slot len(prompt) + generated - 1.
-        needed = max(len(r.prompt) + r.generated for r in self.slots if r is not None)
+        """Dispatch one step for every slot that still needs a token, then hand out the tokens of the
+        step before it while this one computes: the next step's input tokens stay on the device, so
+        the host's work (tokens to clients, finished requests) overlaps the model's."""
+        stepping = [r if r is not None and r.dispatched < r.max_tokens else None for r in self.slots]
+        previous, self._in_flight = self._in_flight, None
         try:
-            self.cache, out = decode_slots(
-                self.cfg, self.params, self.cache, self.next_tokens, active, _settings(self.slots), steps,
-                keys=key_bucket(needed, self.context),
-            )
-            out = jax.device_get(out)
+            if any(r is not None for r in stepping):
+                active = np.array([r is not None for r in stepping])
+                steps = np.array([r.dispatched if r is not None else 0 for r in stepping], np.int32)
+                # A request's next token goes to cache slot len(prompt) + dispatched - 1.
+                needed = max(len(r.prompt) + r.dispatched for r in stepping if r is not None)
+                self.cache, out = decode_slots(
+                    self.cfg, self.params, self.cache, self.next_tokens, active, _settings(stepping), steps,
+                    keys=key_bucket(needed, self.context),
+                )
+                self.next_tokens = out["token"]
+                for request in stepping:
+                    if request is not None:
+                        request.dispatched += 1
+                self._in_flight = (out, [(slot, r) for slot, r in enumerate(stepping) if r is not None])
+            if previous is not None:
+                self._hand_out(*previous)
         except Exception as e:  # fail the batch, keep serving
             log.exception("decode step failed")
+            self._in_flight = None
+            self.next_tokens = jnp.zeros(self.max_slots, jnp.int32)
             self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
             self._fail_all(f"decode step failed: {type(e).__name__}: {e}", pending=False)
-            return
-        rows = [slot for slot in range(self.max_slots) if active[slot]]
-        for slot, token in zip(rows, _tokens(out, rows)):
-            self._accept(slot, token)
 
-    def _accept(self, slot: int, token: Token, prompt: tuple[Token, ...] | None = None) -> None:
+    def _hand_out(self, out: dict, rows: list[tuple[int, Request]]) -> None:
+        """A finished step's tokens to the requests that still hold their slots (one that ended at the
+        step before, by EOS or cancellation, got a token it never sees)."""
+        out = jax.device_get(out)
+        for (slot, request), token in zip(rows, _tokens(out, [slot for slot, _ in rows])):
+            if self.slots[slot] is request:
+                self._accept(slot, request, token)
+
+    def _accept(self, slot: int, request: Request, token: Token, prompt: tuple[Token, ...] | None = None) -> None:
         """Hand a new token to its request; free the slot if the request is done."""
-        request = self.slots[slot]
         if request.generated == 0 and self.metrics is not None:
             self.metrics.first_token(time.perf_counter() - request.submitted)
         request.generated += 1
@@ -350,13 +376,10 @@ class Engine:
         self._send(request, Update(tokens=(token,), prompt=prompt, finish="length" if done else None))
         if done:
             self._finish(slot, None)
-        else:
-            self.next_tokens[slot] = token.id
 
     def _finish(self, slot: int, update: Update | None) -> None:
         request = self.slots[slot]
         self.slots[slot] = None
-        self.next_tokens[slot] = 0
         if update is not None:
             self._send(request, update)
         self._observe_end(request)
