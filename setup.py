@@ -34,7 +34,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-                 "starlette>=0.40", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20", "qwix>=0.1.8",
+                 "starlette>=0.40", "uvicorn>=0.30", "httptools>=0.6", "httpx>=0.27", "prometheus-client>=0.20",
+                 "qwix>=0.1.8",
                  # tests/test_interop_hf.py: transformers 4.x's Flax GPT-2 and Llama are the reference (no torch).
                  "safetensors>=0.8", "transformers>=4.57,<5", "bm25s>=0.2", "tokenizers>=0.20",
                  # tests/test_auto_store.py: a token store behind a URL (fsspec's memory://).
@@ -53,8 +54,10 @@ setup(
         "gpu": [f"jax[cuda12]>={JAX_VERSION}"],
         # benchmarks/vs_pytorch.py: nanoGPT (PyTorch, CPU) against lmjax. Never needed to use lmjax.
         "bench": ["torch==2.13.0"],
-        # python -m lmjax.serve: the OpenAI-compatible server (httpx: its tests and load benchmark).
-        "serve": ["starlette>=0.40", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20"],
+        # python -m lmjax.serve: the OpenAI-compatible server (httptools: uvicorn's C HTTP parser; httpx: its
+        # tests; aiohttp: the load benchmark's clients, which share the server's CPU).
+        "serve": ["starlette>=0.40", "uvicorn>=0.30", "httptools>=0.6", "prometheus-client>=0.20", "httpx>=0.27",
+                  "aiohttp>=3.9"],
         # python -m lmjax.retrieval: BM25 retrieval for in-context retrieval augmentation.
         "rag": ["bm25s>=0.2"],
     },

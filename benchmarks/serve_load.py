@@ -1,12 +1,15 @@
 """Serving under load: continuous batching against the same requests served one at a time.
 
-    python -m benchmarks.serve_load --requests=48 --max_tokens=64 --clients=16 --slots=1,4,16
+    python -m benchmarks.serve_load --requests=48 --max_tokens=64 --clients=16 --slots=1,4,16 --rounds=3
 
-Starts `python -m lmjax.serve` on loopback (one server per `--slots` value, each warmed up before it
-is measured) and sends it the same `--requests` streamed completions: from `--clients` concurrent
-clients, and, on the smallest slot count, from one client, one after another (served one at a time).
-Reports generated tokens/s over the whole phase and the p50/p99 of request latency and time to first
-token (first streamed chunk), all measured by the clients.
+Starts `python -m lmjax.serve` on loopback (one server per `--slots` value, all up and warmed before
+any is measured) and sends each the same `--requests` streamed completions: from `--clients`
+concurrent clients, and, on the smallest slot count, from one client, one after another (served one
+at a time). The phases alternate, round after round, so that a machine whose speed drifts (a shared
+host) affects every mode alike; the ratio to sequential is taken within each round. Reports
+generated tokens/s over each phase and the p50/p99 of request latency and time to first token
+(first streamed chunk), all measured by the clients. The clients run on the same CPU as the server;
+they use aiohttp, whose C parser costs a third of httpx's CPU per streamed event.
 
 Without `--workdir` it serves a random-init model of `--preset`'s shape (byte tokenizer):
 serving cost does not depend on the weights, and `ignore_eos` makes every request generate exactly
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import socket
@@ -25,6 +29,7 @@ import sys
 import tempfile
 import time
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -91,20 +96,21 @@ class ServerProcess:
         self.process.wait(60)
 
 
-async def one_request(client: httpx.AsyncClient, body: dict) -> dict:
-    """Latency, time to first chunk and generated tokens of one streamed completion."""
+async def one_request(session: aiohttp.ClientSession, body: dict) -> dict:
+    """Latency, time to first chunk and generated tokens of one streamed completion (only the event
+    carrying `usage` is parsed: the clients share the server's CPU)."""
     start = time.perf_counter()
-    first, tokens = None, 0
-    async with client.stream("POST", "/v1/completions", json=body) as response:
+    first, tokens, pending = None, 0, b""
+    async with session.post("/v1/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
+        async for chunk in response.content.iter_any():
             if first is None:
                 first = time.perf_counter() - start
-            event = json.loads(line[len("data: "):])
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
+            pending += chunk
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                if b'"usage"' in event:
+                    tokens = json.loads(event[len(b"data: "):])["usage"]["completion_tokens"]
     return {"latency": time.perf_counter() - start, "ttft": first, "tokens": tokens}
 
 
@@ -113,13 +119,15 @@ async def phase(url: str, bodies: list[dict], clients: int) -> dict:
     pending = list(reversed(bodies))
     results = []
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(session: aiohttp.ClientSession) -> None:
         while pending:
-            results.append(await one_request(client, pending.pop()))
+            results.append(await one_request(session, pending.pop()))
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
-        await asyncio.gather(*[client_loop(client) for _ in range(clients)])
+        await asyncio.gather(*[client_loop(session) for _ in range(clients)])
         wall = time.perf_counter() - start
     latency = np.array([r["latency"] for r in results])
     ttft = np.array([r["ttft"] for r in results])
@@ -142,6 +150,7 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--slots", default="1,4,16", help="comma-separated --max_slots values to measure")
+    parser.add_argument("--rounds", type=int, default=3, help="times every phase runs, alternating")
     parser.add_argument("--preset", default="configs/gpt_small.py", help="shape of the random-init model")
     parser.add_argument("--max_len", type=int, default=None, help="its context (default: the preset's)")
     args = parser.parse_args()
@@ -153,29 +162,35 @@ def main() -> None:
         random_run(workdir, args.preset, args.max_len)
     work = bodies(args.requests, args.max_tokens)
     warm = bodies(len(PROMPTS), 4)  # compiles every prompt bucket before the clock starts
-    rows = []
-    for max_slots in reversed(slots):
-        server = ServerProcess(workdir, max_slots, max_queue=max(256, args.requests))
-        try:
-            asyncio.run(phase(server.url, warm, 1))
-            if max_slots == slots[0]:
-                rows.append({"mode": "sequential", "max_slots": max_slots, **asyncio.run(phase(server.url, work, 1))})
-                print(rows[-1], flush=True)
-            rows.append({"mode": "concurrent", "max_slots": max_slots,
-                         **asyncio.run(phase(server.url, work, args.clients))})
-            print(rows[-1], flush=True)
-        finally:
+    servers = {}
+    try:
+        for max_slots in reversed(slots):
+            servers[max_slots] = ServerProcess(workdir, max_slots, max_queue=max(256, args.requests))
+            asyncio.run(phase(servers[max_slots].url, warm, 1))
+        phases = [("sequential", slots[0], 1)] + [("concurrent", n, args.clients) for n in reversed(slots)]
+        rows = collections.defaultdict(list)  # (mode, slots) -> one result per round
+        for round_ in range(args.rounds):
+            for mode, max_slots, clients in phases:
+                rows[mode, max_slots].append(asyncio.run(phase(servers[max_slots].url, work, clients)))
+                print(round_, mode, max_slots, {k: round(v, 3) for k, v in rows[mode, max_slots][-1].items()},
+                      flush=True)
+    finally:
+        for server in servers.values():
             server.stop()
 
-    sequential = next(r["tokens_per_s"] for r in rows if r["mode"] == "sequential")
-    print(f"\n{args.requests} requests x {args.max_tokens} tokens, streamed; {os.cpu_count()} CPU cores, load average "
-          f"{os.getloadavg()[0]:.1f} at the end.\n")
+    sequential = [r["tokens_per_s"] for r in rows["sequential", slots[0]]]
+    print(f"\n{args.requests} requests x {args.max_tokens} tokens, streamed; {args.rounds} rounds; {os.cpu_count()} CPU "
+          f"cores, load average {os.getloadavg()[0]:.1f} at the end. Medians over the rounds; the ratio to "
+          f"sequential is the median of the rounds' ratios (its range in brackets).\n")
     print("| mode | clients | max_slots | tokens/s | vs sequential | latency p50 / p99 (s) | TTFT p50 / p99 (s) |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['mode']} | {r['clients']} | {r['max_slots']} | {r['tokens_per_s']:.0f} | "
-              f"{r['tokens_per_s'] / sequential:.2f}x | {r['latency_p50']:.2f} / {r['latency_p99']:.2f} | "
-              f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} |")
+    for mode, max_slots, clients in phases:
+        runs = rows[mode, max_slots]
+        ratios = [r["tokens_per_s"] / s for r, s in zip(runs, sequential)]
+        med = {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+        print(f"| {mode} | {clients} | {max_slots} | {med['tokens_per_s']:.0f} | {np.median(ratios):.2f}x "
+              f"[{min(ratios):.2f}-{max(ratios):.2f}] | {med['latency_p50']:.2f} / {med['latency_p99']:.2f} | "
+              f"{med['ttft_p50']:.3f} / {med['ttft_p99']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -496,6 +496,39 @@ def test_text_stream_holds_back_stop_prefixes_and_split_characters():
     assert tail.add(list(b"xE")) == "x" and tail.finish() == "E"
 
 
+def test_the_mailbox_wakes_the_loop_once_per_batch_and_keeps_each_queues_order():
+    """Updates the engine thread posts while the loop is busy arrive together, in order, after a single
+    wake-up; a later batch wakes it again."""
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        class CountingLoop:
+            wakes = 0
+
+            def call_soon_threadsafe(self, callback, *args):
+                CountingLoop.wakes += 1
+                return loop.call_soon_threadsafe(callback, *args)
+
+        mailbox, queues = app_lib.Mailbox(CountingLoop()), [asyncio.Queue(), asyncio.Queue()]
+
+        def post_step(t):
+            for i, queue in enumerate(queues):
+                mailbox.post(queue, (i, t))
+
+        got = []
+        for batch in ((0, 1, 2), (3,)):
+            poster = threading.Thread(target=lambda batch=batch: [post_step(t) for t in batch])
+            poster.start()
+            poster.join()  # the loop is blocked meanwhile, as when it is busy serving
+            await asyncio.sleep(0)
+            got.append([[q.get_nowait() for _ in range(q.qsize())] for q in queues])
+        return CountingLoop.wakes, got
+
+    wakes, got = asyncio.run(main())
+    assert wakes == 2
+    assert got == [[[(0, 0), (0, 1), (0, 2)], [(1, 0), (1, 1), (1, 2)]], [[(0, 3)], [(1, 3)]]]
+
+
 def test_serving_a_workdir_without_a_checkpoint_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint in .*train first"):
         app_lib.app_from_workdir(str(tmp_path), max_slots=1, max_queue=1)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -66,6 +67,31 @@ class Choice:
         return new_text, list(update.tokens)
 
 
+class Mailbox:
+    """Updates from the engine thread to the event loop, delivered in batches: a decode step's tokens
+    for every request wake the loop once, not once per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        """Called on the engine thread; the first item of a batch schedules its delivery."""
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:
+                return
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Server:
     """The routes, bound to one engine and tokenizer."""
 
@@ -73,6 +99,14 @@ class Server:
         self.engine, self.tokenizer, self.model_name, self.metrics = engine, tokenizer, model_name, metrics
         self.created = int(time.time())
         self.shutting_down = False
+        self._mailbox: Mailbox | None = None
+
+    def mailbox(self) -> Mailbox:
+        """The running event loop's mailbox (one per loop: tests run the app on more than one)."""
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
+        return self._mailbox
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -122,7 +156,7 @@ class Server:
     def start(self, sampling: protocol.Sampling, encoded: list[tuple[list[int], str, bool]],
               score_prompt: bool) -> tuple[list[Choice], asyncio.Queue]:
         """Submit n requests per prompt; (the choices, the queue their updates arrive on)."""
-        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        updates, mailbox = asyncio.Queue(), self.mailbox()
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         choices = []
         for p, (ids, prompt_text, hidden_start) in enumerate(encoded):
@@ -130,8 +164,7 @@ class Server:
                 index = p * sampling.n + j
 
                 def emit(update, index=index):
-                    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-                        loop.call_soon_threadsafe(updates.put_nowait, (index, update))
+                    mailbox.post(updates, (index, update))
 
                 request = engine_lib.Request(
                     prompt=ids, max_tokens=sampling.max_tokens, emit=emit, temperature=sampling.temperature,
@@ -160,12 +193,15 @@ class Server:
         behind the engine then gets several tokens per event instead of falling further behind."""
         try:
             while any(c.finish is None for c in choices):
-                try:
-                    first = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if poll_disconnect and await request.is_disconnected():
-                        return
-                    continue
+                if not poll_disconnect:  # a streaming response notices the disconnect itself
+                    first = await queue.get()
+                else:
+                    try:
+                        first = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
                 merged: dict[int, tuple[str, list]] = {}
                 for index, update in [first, *(queue.get_nowait() for _ in range(queue.qsize()))]:
                     new_text, tokens = choices[index].take(update)

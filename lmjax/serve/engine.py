@@ -1,12 +1,15 @@
 """Continuous batching: a fixed number of slots in one preallocated KV cache, served by one thread.
 
 Between two decode steps the engine prefills waiting requests into free slots (one request at a
-time, its prompt padded to a power-of-two bucket so that few prefill programs are compiled), then
-runs ONE jitted decode step for all slots. The step's sampled tokens stay on the device as the next
-step's input: the engine dispatches step t+1 before it hands step t's tokens to the clients, so that
-host work overlaps the model's. A request leaves its slot when its last token is handed out (its
-token budget, EOS, or its client cancelled), and the slot takes the next waiting request at once; a
-request that ended at EOS had one more token computed that nobody sees.
+time, its prompt padded to a power-of-two bucket so that few prefill programs are compiled, and a
+request's numbers never depend on what else is waiting), then runs ONE jitted decode step for all
+slots. Nothing waits for the device in between: a prefill writes its first token into the device
+array of next input tokens, and a step's sampled tokens stay there as the next step's input. Results
+reach the host one step late: the engine dispatches step t+1 (and any prefills before it), then hands
+out what was dispatched earlier while that step computes, so host work overlaps the model's. A
+request leaves its slot when its last token is handed out (its token budget, EOS, or its client
+cancelled), and the slot takes the next waiting request at once; a request that ended at EOS had one
+more token computed that nobody sees.
 
 The cache is `lmjax.model.decoding`'s, with one write index per row: every slot holds its own
 request at positions 0.. of its own, so prompts need no left padding and requests of any lengths
@@ -14,8 +17,9 @@ share the batch. The decode step attends over only the first cache slots that th
 request needs, rounded up to a power of two (a few compiled programs), so that a step's cost follows
 the live lengths, not the context; masked slots add exact zeros, so a request's numbers do not depend
 on which of these programs served it (tested). Free slots still run through the decode step (a fixed
-row count) with their index held at 0; their outputs are ignored and the next prefill overwrites
-the whole row.
+row count) with their index held at 0; their outputs are ignored. A prefill writes only the first
+slots of its row (its prompt bucket); the slots after them still hold an earlier request's keys,
+which the causal mask hides until the decode steps overwrite them.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from lmjax.model import decoding
 from lmjax.serve import sampler
 
 log = logging.getLogger(__name__)
-MIN_BUCKET = 32
+MIN_BUCKET = 32  # the fewest cache slots a decode step attends over
+MIN_PROMPT_BUCKET = 8  # the shortest padded prompt: most chat and completion prompts are short
 
 
 class QueueFull(RuntimeError):
@@ -89,26 +94,36 @@ class Request:
         self.cancelled.set()
 
 
-def bucket(length: int, limit: int) -> int:
-    """The padded prompt length: the next power of two (at least MIN_BUCKET), at most `limit`."""
-    return min(limit, max(MIN_BUCKET, 1 << (length - 1).bit_length()))
+def bucket(length: int, limit: int, minimum: int = MIN_BUCKET) -> int:
+    """The next power of two >= `length` (at least `minimum`), at most `limit`."""
+    return min(limit, max(minimum, 1 << (length - 1).bit_length()))
+
+
+def prompt_bucket(length: int, limit: int) -> int:
+    """The padded length of a prompt of `length` tokens."""
+    return bucket(length, limit, MIN_PROMPT_BUCKET)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def prefill_into(cfg, params, cache, slot, tokens_1xP, length, settings):
-    """Prefill one prompt into its own row, then write the row into `cache` at `slot` (the other slots
-    are untouched). Returns (cache, the first new token, the prompt's own token scores): the scores
-    are computed always, so that one program serves scoring and generation."""
-    row = decoding.init_cache(cfg, 1, cfg.max_len, per_row_index=True)
+def prefill_into(cfg, params, cache, next_tokens_B, slot, tokens_1xP, length, settings):
+    """Prefill one prompt into its own row, write the row into the first P slots of `cache` at `slot`
+    (the other rows are untouched; the row's later slots are stale, and never attended before the
+    decode steps overwrite them) and its first new token into `next_tokens_B`. Returns (cache,
+    next_tokens, the first new token, the prompt's own token scores): the scores are computed always,
+    so that one program serves scoring and generation."""
+    P = tokens_1xP.shape[1]
+    row = decoding.init_cache(cfg, 1, P, per_row_index=True)
     logits_1xPxV, row = decoding.prefill(cfg, params, row, tokens_1xP)
     row = {**row, "index": jnp.reshape(length, (1,))}
 
-    def put(big, small, axis=0):
-        return jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis)
+    def put(big, small, batch_axis=0):
+        starts = [0] * big.ndim
+        starts[batch_axis] = slot
+        return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), starts)
 
     header = {key: put(cache[key], row[key]) for key in ("index", "positions", "segment_ids")}
     layer_batch_axis = 1 if cfg.scan_layers else 0
-    layers = jax.tree.map(functools.partial(put, axis=layer_batch_axis), cache["layers"], row["layers"])
+    layers = jax.tree.map(functools.partial(put, batch_axis=layer_batch_axis), cache["layers"], row["layers"])
 
     logprobs_PxV = jax.nn.log_softmax(logits_1xPxV[0], axis=-1)
     prompt = {
@@ -118,7 +133,8 @@ def prefill_into(cfg, params, cache, slot, tokens_1xP, length, settings):
     last_1xV = jax.lax.dynamic_slice_in_dim(logits_1xPxV[0], length - 1, 1)
     keys_1 = sampler.row_keys(settings["seed"], settings["choice"], jnp.zeros((1,), jnp.int32))
     first = sampler.sample_rows(last_1xV, settings["temperature"], settings["top_k"], settings["top_p"], keys_1)
-    return {**header, "layers": layers}, first, prompt
+    next_tokens_B = jax.lax.dynamic_update_slice(next_tokens_B, first["token"], [slot])
+    return {**header, "layers": layers}, next_tokens_B, first, prompt
 
 
 def key_bucket(needed: int, limit: int) -> int:
@@ -170,16 +186,13 @@ def _settings(requests: list[Request | None]) -> dict:
 
 
 def _tokens(out: dict, rows: list[int]) -> list[Token]:
-    """Host-side Tokens from a sampler's (or prompt scorer's) output arrays."""
-    ids = out.get("token")
-    return [
-        Token(
-            id=int(ids[i]) if ids is not None else -1,
-            logprob=float(out["logprob"][i]),
-            top=tuple(zip(out["top_ids"][i].tolist(), out["top_logprobs"][i].tolist())),
-        )
-        for i in rows
-    ]
+    """Host-side Tokens from a sampler's (or prompt scorer's) output arrays (whole arrays to Python
+    at once: a step hands out a token for every row)."""
+    rows = list(rows)
+    ids = out["token"][rows].tolist() if "token" in out else [-1] * len(rows)
+    columns = (out["logprob"][rows].tolist(), out["top_ids"][rows].tolist(), out["top_logprobs"][rows].tolist())
+    return [Token(id=i, logprob=lp, top=tuple(zip(top_ids, top_lps)))
+            for i, lp, top_ids, top_lps in zip(ids, *columns)]
 
 
 class Engine:
@@ -195,7 +208,8 @@ class Engine:
         self.metrics = metrics
         self.slots: list[Request | None] = [None] * self.max_slots
         self.next_tokens = jnp.zeros(self.max_slots, jnp.int32)  # on the device: a step's sampled tokens
-        self._in_flight: tuple[dict, list[tuple[int, Request]]] | None = None  # a step not yet handed out
+        self._settings_key, self._settings_rows = None, None  # the decode step's settings, by row identity
+        self._outbox: list[Callable[[], None]] = []  # results dispatched and not yet handed out, in order
         self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
         self._pending: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -239,9 +253,10 @@ class Engine:
     def warm_up(self, every_bucket: bool = True) -> None:
         """Compile the decode step and the prefill of every prompt bucket (or only the smallest) before
         clients arrive: a compile on the engine thread would stall every request in the batch."""
-        # A prompt one short of a key bucket is prefilled in the prompt bucket of that size, and its
-        # one decode step attends over exactly that many keys: each request compiles one of each.
-        sizes = key_buckets(self.context)
+        # A prompt one short of a bucket is prefilled in the prompt bucket of that size, and its one
+        # decode step attends over that many keys (or the fewest): each request compiles one of each.
+        prompt_buckets = {prompt_bucket(n, self.context) for n in range(1, self.context + 1)}
+        sizes = sorted(prompt_buckets | set(key_buckets(self.context)))
         for size in sizes if every_bucket else sizes[:1]:
             done = threading.Event()
             prompt = [0] * max(1, size - 1)
@@ -254,16 +269,16 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self._pending and not self.active_slots():
+                while not self._stopping and not self._pending and not self.active_slots() and not self._outbox:
                     self._wake.wait()
                 if self._stopping and not self._drain:
                     self._fail_all("the server is shutting down")
                     return
-                if self._stopping and not self._pending and not self.active_slots():
+                if self._stopping and not self._pending and not self.active_slots() and not self._outbox:
                     return
             self._free_cancelled()
             self._admit()
-            if self.active_slots():
+            if self.active_slots() or self._outbox:
                 self._decode()
             self._update_gauges()
 
@@ -292,43 +307,56 @@ class Engine:
             except Exception as e:  # one bad request must not stop the server
                 log.exception("prefill failed")
                 self._send(request, Update(finish="error", error=f"prefill failed: {type(e).__name__}: {e}"))
-                # The donated cache may be gone: start the batch over.
-                self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
+                self._reset()
                 self._fail_all("the engine was reset after an error", pending=False)
 
+    def _reset(self) -> None:
+        """Start the batch over (the donated cache and tokens may be gone)."""
+        self._outbox = []
+        self.next_tokens = jnp.zeros(self.max_slots, jnp.int32)
+        self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
+
     def _prefill(self, request: Request) -> None:
+        """Dispatch the prompt's prefill into a free slot; its first token is handed out later."""
         length = len(request.prompt)
-        tokens = np.zeros((1, bucket(length, self.context)), np.int32)
+        tokens = np.zeros((1, prompt_bucket(length, self.context)), np.int32)
         tokens[0, :length] = request.prompt
         slot = self.slots.index(None)  # a prompt only scored (max_tokens 0) leaves it free again
-        self.cache, first, prompt = prefill_into(
-            self.cfg, self.params, self.cache, np.int32(slot), tokens, np.int32(length), _settings([request])
+        self.cache, self.next_tokens, first, prompt = prefill_into(
+            self.cfg, self.params, self.cache, self.next_tokens, np.int32(slot), tokens, np.int32(length),
+            _settings([request]),
         )
-        first, prompt = jax.device_get((first, prompt))
-        scored = None
-        if request.score_prompt:
-            rest = _tokens(prompt, range(length - 1))
-            scored = (Token(request.prompt[0], None),
-                      *(dataclasses.replace(t, id=request.prompt[i + 1]) for i, t in enumerate(rest)))
         if self.metrics is not None:
             self.metrics.prompt_tokens(length)
+        if request.max_tokens > 0:
+            self.slots[slot] = request
+            request.dispatched = 1
+        self._outbox.append(functools.partial(self._hand_out_first, slot, request, first,
+                                              prompt if request.score_prompt else None))
+
+    def _hand_out_first(self, slot: int, request: Request, first: dict, prompt: dict | None) -> None:
+        """A prefill's results: the prompt's scores when asked for, the first new token."""
+        first, prompt = jax.device_get((first, prompt))
+        scored = None
+        if prompt is not None:
+            rest = _tokens(prompt, range(len(request.prompt) - 1))
+            scored = (Token(request.prompt[0], None),
+                      *(dataclasses.replace(t, id=request.prompt[i + 1]) for i, t in enumerate(rest)))
         if request.max_tokens == 0:
             self._send(request, Update(prompt=scored, finish="length"))
             self._observe_end(request)
-            return
-        self.slots[slot] = request
-        request.dispatched = 1
-        token = _tokens(first, [0])[0]
-        self._accept(slot, request, token, prompt=scored)
-        if self.slots[slot] is request:
-            self.next_tokens = self.next_tokens.at[slot].set(token.id)
+        elif self.slots[slot] is request:  # not cancelled since
+            self._accept(slot, request, _tokens(first, [0])[0], prompt=scored)
+            if self.metrics is not None:
+                self.metrics.generated_tokens(1)
 
     def _decode(self) -> None:
-        """Dispatch one step for every slot that still needs a token, then hand out the tokens of the
-        step before it while this one computes: the next step's input tokens stay on the device, so
-        the host's work (tokens to clients, finished requests) overlaps the model's."""
+        """Dispatch one step for every slot that still needs a token, then hand out what was dispatched
+        before it (prefills, the previous step) while this one computes: the next step's input tokens
+        stay on the device, so the host's work (tokens to clients, finished requests) overlaps the
+        model's."""
         stepping = [r if r is not None and r.dispatched < r.max_tokens else None for r in self.slots]
-        previous, self._in_flight = self._in_flight, None
+        earlier, self._outbox = self._outbox, []
         try:
             if any(r is not None for r in stepping):
                 active = np.array([r is not None for r in stepping])
@@ -336,38 +364,46 @@ class Engine:
                 # A request's next token goes to cache slot len(prompt) + dispatched - 1.
                 needed = max(len(r.prompt) + r.dispatched for r in stepping if r is not None)
                 self.cache, out = decode_slots(
-                    self.cfg, self.params, self.cache, self.next_tokens, active, _settings(stepping), steps,
+                    self.cfg, self.params, self.cache, self.next_tokens, active, self._step_settings(stepping), steps,
                     keys=key_bucket(needed, self.context),
                 )
                 self.next_tokens = out["token"]
                 for request in stepping:
                     if request is not None:
                         request.dispatched += 1
-                self._in_flight = (out, [(slot, r) for slot, r in enumerate(stepping) if r is not None])
-            if previous is not None:
-                self._hand_out(*previous)
+                rows = [(slot, r) for slot, r in enumerate(stepping) if r is not None]
+                self._outbox.append(functools.partial(self._hand_out, out, rows))
+            for hand_out in earlier:
+                hand_out()
         except Exception as e:  # fail the batch, keep serving
             log.exception("decode step failed")
-            self._in_flight = None
-            self.next_tokens = jnp.zeros(self.max_slots, jnp.int32)
-            self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
+            self._reset()
             self._fail_all(f"decode step failed: {type(e).__name__}: {e}", pending=False)
+
+    def _step_settings(self, stepping: list[Request | None]) -> dict:
+        """The decode step's per-row sampling settings, on the device; rebuilt only when rows change."""
+        key = tuple(stepping)  # Requests compare by identity
+        if key != self._settings_key:
+            self._settings_key, self._settings_rows = key, jax.device_put(_settings(stepping))
+        return self._settings_rows
 
     def _hand_out(self, out: dict, rows: list[tuple[int, Request]]) -> None:
         """A finished step's tokens to the requests that still hold their slots (one that ended at the
         step before, by EOS or cancellation, got a token it never sees)."""
         out = jax.device_get(out)
+        accepted = 0
         for (slot, request), token in zip(rows, _tokens(out, [slot for slot, _ in rows])):
             if self.slots[slot] is request:
                 self._accept(slot, request, token)
+                accepted += 1
+        if self.metrics is not None:
+            self.metrics.generated_tokens(accepted)
 
     def _accept(self, slot: int, request: Request, token: Token, prompt: tuple[Token, ...] | None = None) -> None:
         """Hand a new token to its request; free the slot if the request is done."""
         if request.generated == 0 and self.metrics is not None:
             self.metrics.first_token(time.perf_counter() - request.submitted)
         request.generated += 1
-        if self.metrics is not None:
-            self.metrics.generated_tokens(1)
         if self.eos_id is not None and token.id == self.eos_id and not request.ignore_eos:
             self._send(request, Update(prompt=prompt, finish="stop"))
             self._finish(slot, None)
