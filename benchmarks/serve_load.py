@@ -114,18 +114,39 @@ async def one_request(session: aiohttp.ClientSession, body: dict) -> dict:
     return {"latency": time.perf_counter() - start, "ttft": first, "tokens": tokens}
 
 
-async def phase(url: str, bodies: list[dict], clients: int) -> dict:
+async def one_request_httpx(client: httpx.AsyncClient, body: dict) -> dict:
+    """`one_request` through httpx (`--client=httpx`, what this benchmark used before)."""
+    start = time.perf_counter()
+    first, tokens = None, 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if first is None:
+                first = time.perf_counter() - start
+            event = json.loads(line[len("data: "):])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return {"latency": time.perf_counter() - start, "ttft": first, "tokens": tokens}
+
+
+async def phase(url: str, bodies: list[dict], clients: int, library: str = "aiohttp") -> dict:
     """`bodies` sent by `clients` concurrent clients, each taking the next unsent one."""
     pending = list(reversed(bodies))
     results = []
+    send = one_request if library == "aiohttp" else one_request_httpx
 
-    async def client_loop(session: aiohttp.ClientSession) -> None:
+    async def client_loop(session) -> None:
         while pending:
-            results.append(await one_request(session, pending.pop()))
+            results.append(await send(session, pending.pop()))
 
-    connector = aiohttp.TCPConnector(limit=clients)
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as session:
+    if library == "aiohttp":
+        session = aiohttp.ClientSession(base_url=url, connector=aiohttp.TCPConnector(limit=clients),
+                                        timeout=aiohttp.ClientTimeout(total=600))
+    else:
+        session = httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients))
+    async with session:
         start = time.perf_counter()
         await asyncio.gather(*[client_loop(session) for _ in range(clients)])
         wall = time.perf_counter() - start
@@ -151,6 +172,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--slots", default="1,4,16", help="comma-separated --max_slots values to measure")
     parser.add_argument("--rounds", type=int, default=3, help="times every phase runs, alternating")
+    parser.add_argument("--client", default="aiohttp", choices=["aiohttp", "httpx"], help="the clients' HTTP library")
     parser.add_argument("--preset", default="configs/gpt_small.py", help="shape of the random-init model")
     parser.add_argument("--max_len", type=int, default=None, help="its context (default: the preset's)")
     args = parser.parse_args()
@@ -171,7 +193,7 @@ def main() -> None:
         rows = collections.defaultdict(list)  # (mode, slots) -> one result per round
         for round_ in range(args.rounds):
             for mode, max_slots, clients in phases:
-                rows[mode, max_slots].append(asyncio.run(phase(servers[max_slots].url, work, clients)))
+                rows[mode, max_slots].append(asyncio.run(phase(servers[max_slots].url, work, clients, args.client)))
                 print(round_, mode, max_slots, {k: round(v, 3) for k, v in rows[mode, max_slots][-1].items()},
                       flush=True)
     finally:
