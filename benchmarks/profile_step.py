@@ -80,6 +80,9 @@ def profile(config) -> None:
     if config.model.vocab_size is None:
         config.model.vocab_size = _VOCAB.value
     config_lib.check(config)
+    if _REUSE.value:  # before anything starts JAX, as the trainer does
+        print(f"one heap for every thread (lmjax.host_memory): "
+              f"{host_memory.share_one_heap(host_memory.logits_bytes(config))}")
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
     if _REUSE.value:
         print(f"freed host memory reused (lmjax.host_memory): {host_memory.reuse_freed_host_memory()}")

@@ -280,9 +280,11 @@ def measure_speed(say: Report, nano: Any, data: dict[str, Any], data_path: str, 
     from lmjax import hardware, host_memory, sharding, train
     from lmjax import model as model_lib
 
-    # The trainer's setting (Setup), taken here before either side runs: it holds for both.
-    say(f"freed host memory reused (lmjax.host_memory, both sides): {host_memory.reuse_freed_host_memory()}")
     vocab, train_ids, lmjax_vocab = data["meta"]["vocab_size"], data["train"], data["meta"]["vocab_size"] + 1
+    # The trainer's settings (Trainer, Setup), taken here before either side runs: they hold for both.
+    logits_bytes = 4 * shape.batch_size * shape.block_size * (shape.vocab_size or lmjax_vocab)
+    say(f"one heap for every thread (lmjax.host_memory, both sides): {host_memory.share_one_heap(logits_bytes)}")
+    say(f"freed host memory reused (lmjax.host_memory, both sides): {host_memory.reuse_freed_host_memory()}")
     if shape.vocab_size:  # a subword-sized vocabulary: random ids (speed only)
         vocab = lmjax_vocab = shape.vocab_size
         train_ids = np.random.default_rng(seed).integers(0, vocab, 1 << 20)

@@ -40,3 +40,34 @@ def test_a_freed_output_is_reused_without_page_faults():
     assert applied == again == "True"
     assert float(default) > 0.5 * pages  # glibc's default: each 40 MiB output is mapped afresh
     assert float(reused) < 0.05 * pages  # after: the pages the last output freed
+
+
+THREADS_SCRIPT = textwrap.dedent("""
+    import ctypes, sys, threading
+    from lmjax import host_memory
+    applied = host_memory.share_one_heap(int(sys.argv[1]))
+    worker = threading.Thread(target=lambda: bytearray(1 << 20))  # 1 MiB: malloc'd by the new thread
+    worker.start()
+    worker.join()
+    print(applied, flush=True)
+    ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block per heap, on stderr
+""")
+
+
+def test_threads_share_the_main_heap_only_when_a_step_buffer_nears_a_thread_heap():
+    from lmjax import config as config_lib
+    from lmjax import host_memory
+
+    config = config_lib.load("configs/gpt_small.py")  # 32 x 128 tokens, vocabulary 4096
+    assert host_memory.logits_bytes(config) == 4 * 32 * 128 * 4096
+    config.train.microbatches = 4
+    assert host_memory.logits_bytes(config) == 4 * 8 * 128 * 4096
+
+    heaps = {}
+    for size in (1 << 20, 64 << 20):
+        result = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(size)], capture_output=True, text=True,
+                                timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert result.returncode == 0, result.stderr
+        heaps[size] = (result.stdout.strip(), result.stderr.count("Arena "))
+    assert heaps[1 << 20] == ("False", 2)  # the thread got a heap of its own
+    assert heaps[64 << 20] == ("True", 1)  # it allocated from the main heap

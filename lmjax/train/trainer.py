@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 
-from lmjax import cli, data, hardware, model, sharding
+from lmjax import cli, data, hardware, host_memory, model, sharding
 from lmjax import config as config_lib
 from lmjax.infer import sampling
 from lmjax.train import checkpointing, distill, metrics, preemption, pruning, validation, wsd
@@ -75,6 +75,7 @@ class Trainer:
 
     def __init__(self, config: config_dict.ConfigDict, workdir: str):
         self.wall_start = time.time()
+        host_memory.share_one_heap(host_memory.logits_bytes(config))  # before Setup starts JAX
         self.setup = setup = Setup(config, workdir)
         self.config = config = setup.config
         self.workdir = workdir
