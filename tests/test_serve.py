@@ -406,6 +406,42 @@ def test_a_request_gets_the_same_numbers_whichever_key_bucket_served_it(run, mon
         engine.stop()
 
 
+def test_a_failing_decode_step_ends_every_request_in_flight_with_an_error_and_the_engine_serves_on(run, monkeypatch):
+    """A generating request and a prompt only scored, dispatched together when the step fails: both end
+    with an error (neither hangs); the next request is served normally."""
+    config, params, tokenizer = run
+    decode_slots, calls = engine_lib.decode_slots, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return decode_slots(*args, **kwargs)
+
+    monkeypatch.setattr(engine_lib, "decode_slots", failing_once)
+    engine = engine_lib.Engine(config.model, params, max_slots=2, max_queue=4, eos_id=tokenizer.eos_id)
+    engine.start()
+
+    def request(max_tokens, **kwargs):
+        updates, done = [], threading.Event()
+        emit = lambda u: (updates.append(u), u.finish and done.set())  # noqa: E731
+        return engine_lib.Request([5, 6, 7], max_tokens, emit=emit, temperature=0.0, ignore_eos=True,
+                                  **kwargs), updates, done
+
+    try:
+        batch = [request(4), request(0, score_prompt=True)]
+        engine.submit([r for r, _, _ in batch])
+        for _, updates, done in batch:
+            assert done.wait(60)
+            assert updates[-1].finish == "error" and "boom" in updates[-1].error
+        later, updates, done = request(4)
+        engine.submit([later])
+        assert done.wait(60) and updates[-1].finish == "length"
+        assert sum(len(u.tokens) for u in updates) == 4
+    finally:
+        engine.stop()
+
+
 def test_the_decode_step_writes_the_donated_cache_in_place_without_copying_it(served):
     """The step's output cache is the input's buffers (donated), and the compiled step holds no copy
     or transpose of a whole layer's cache (each layer's keys are read where they lie, once)."""

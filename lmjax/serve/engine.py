@@ -209,7 +209,8 @@ class Engine:
         self.slots: list[Request | None] = [None] * self.max_slots
         self.next_tokens = jnp.zeros(self.max_slots, jnp.int32)  # on the device: a step's sampled tokens
         self._settings_key, self._settings_rows = None, None  # the decode step's settings, by row identity
-        self._outbox: list[Callable[[], None]] = []  # results dispatched and not yet handed out, in order
+        self._outbox: list[Callable[[], None]] = []
+        self._scoring: list[Request] = []  # prompts only scored (no slot), dispatched, not handed out  # results dispatched and not yet handed out, in order
         self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
         self._pending: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -331,12 +332,16 @@ class Engine:
         if request.max_tokens > 0:
             self.slots[slot] = request
             request.dispatched = 1
+        else:
+            self._scoring.append(request)
         self._outbox.append(functools.partial(self._hand_out_first, slot, request, first,
                                               prompt if request.score_prompt else None))
 
     def _hand_out_first(self, slot: int, request: Request, first: dict, prompt: dict | None) -> None:
         """A prefill's results: the prompt's scores when asked for, the first new token."""
         first, prompt = jax.device_get((first, prompt))
+        if request.max_tokens == 0:
+            self._scoring.remove(request)
         scored = None
         if prompt is not None:
             rest = _tokens(prompt, range(len(request.prompt) - 1))
@@ -436,6 +441,10 @@ class Engine:
         for slot, request in enumerate(self.slots):
             if request is not None:
                 self._finish(slot, Update(finish="error", error=message))
+        scoring, self._scoring = self._scoring, []
+        for request in scoring:
+            self._send(request, Update(finish="error", error=message))
+            self._observe_end(request)
         if pending:
             while self._pending:
                 self._send(self._pending.popleft(), Update(finish="error", error=message))
