@@ -201,8 +201,8 @@ def main() -> None:
             server.stop()
 
     sequential = [r["tokens_per_s"] for r in rows["sequential", slots[0]]]
-    print(f"\n{args.requests} requests x {args.max_tokens} tokens, streamed; {args.rounds} rounds; {os.cpu_count()} CPU "
-          f"cores, load average {os.getloadavg()[0]:.1f} at the end. Medians over the rounds; the ratio to "
+    print(f"\n{args.requests} requests x {args.max_tokens} tokens, streamed; {args.rounds} rounds; "
+          f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end. Medians over the rounds; the ratio to "
           f"sequential is the median of the rounds' ratios (its range in brackets).\n")
     print("| mode | clients | max_slots | tokens/s | vs sequential | latency p50 / p99 (s) | TTFT p50 / p99 (s) |")
     print("|---|---|---|---|---|---|---|")

@@ -209,8 +209,8 @@ class Engine:
         self.slots: list[Request | None] = [None] * self.max_slots
         self.next_tokens = jnp.zeros(self.max_slots, jnp.int32)  # on the device: a step's sampled tokens
         self._settings_key, self._settings_rows = None, None  # the decode step's settings, by row identity
-        self._outbox: list[Callable[[], None]] = []
-        self._scoring: list[Request] = []  # prompts only scored (no slot), dispatched, not handed out  # results dispatched and not yet handed out, in order
+        self._outbox: list[Callable[[], None]] = []  # results dispatched and not yet handed out, in order
+        self._scoring: list[Request] = []  # prompts only scored (no slot), dispatched, not handed out
         self.cache = decoding.init_cache(self.cfg, self.max_slots, self.context, per_row_index=True)
         self._pending: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
