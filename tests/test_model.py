@@ -277,7 +277,8 @@ def test_scanned_layers_match_unscanned_outputs_loss_and_grads():
 @pytest.mark.parametrize(
     "overrides,segment_ids",
     [
-        (dict(position="alibi"), np.array([[1] * 6 + [2] * 6, [1] * L])),  # bias + mask
+        (dict(position="alibi"), np.array([[1] * 6 + [2] * 6, [1] * L])),  # bias + mask, GQA
+        (dict(position="alibi", num_kv_heads=4), np.array([[1] * 6 + [2] * 6, [1] * L])),  # MHA
         (dict(num_kv_heads=1, qk_norm=True), None),  # is_causal, MQA
     ],
 )

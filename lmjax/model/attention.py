@@ -102,21 +102,37 @@ def einsum_attention(
     Keys and values are [B, S, K, E] (this call's own) or in the order `kv_axes` names (a cache's,
     see `cache_axes`). The logits and softmax are float32 whatever the compute dtype: in bfloat16
     the exponentials of long rows lose the small probabilities and the max-subtraction is too coarse.
+
+    The query heads are split into [K, G] only where both are above one (GQA): a size-1 axis in the
+    logits sends XLA's CPU backend down a slow path for the softmax gradient's row sum (~10x that
+    of the same sum without it), so MHA keeps its heads axis as it is and MQA drops the kv axis.
+    Below, q is [B, L, (K), (G), E] and the logits [B, (K), (G), L, S], each axis in parentheses
+    present only when above one.
     """
     B, L, H, E = q_BxLxHxE.shape
     K = k.shape[kv_axes.index("k")]
-    q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
-    logits_BxKxGxLxS = jnp.einsum(
-        f"blkge,{kv_axes}->bkgls", q_BxLxKxGxE, k, preferred_element_type=jnp.float32
-    ) / jnp.float32(math.sqrt(E))
+    G = H // K
+    if K == 1:  # MQA: the one kv head's axis goes
+        k, v = (x.squeeze(kv_axes.index("k")) for x in (k, v))
+        kv_axes = kv_axes.replace("k", "")
+    q_axes, logit_axes = "blkge", "bkgls"
+    if G == 1:  # MHA: each kv head is its query head
+        q_axes, logit_axes = q_axes.replace("g", ""), logit_axes.replace("g", "")
+    if K == 1:
+        q_axes, logit_axes = q_axes.replace("k", ""), logit_axes.replace("k", "")
+    head_shape = tuple(n for n in (K, G) if n > 1)
+    q = q_BxLxHxE.reshape(B, L, *head_shape, E)
+    logits = jnp.einsum(f"{q_axes},{kv_axes}->{logit_axes}", q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.float32(math.sqrt(E))
     if bias_BxHxLxS is not None:
-        logits_BxKxGxLxS += bias_BxHxLxS.reshape(B, K, H // K, L, -1)
-    logits_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
+        logits += bias_BxHxLxS.reshape(B, *head_shape, L, -1)
+    mask = mask_Bx1xLxS.reshape(mask_Bx1xLxS.shape[0], *(1 for _ in head_shape), *mask_Bx1xLxS.shape[2:])
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
     if dropout is not None:
-        probs_BxKxGxLxS = dropout(probs_BxKxGxLxS)
-    out_BxLxKxGxE = jnp.einsum(f"bkgls,{kv_axes}->blkge", probs_BxKxGxLxS.astype(v.dtype), v)
-    return out_BxLxKxGxE.reshape(B, L, H, E)
+        probs = dropout(probs)
+    out = jnp.einsum(f"{logit_axes},{kv_axes}->{q_axes}", probs.astype(v.dtype), v)
+    return out.reshape(B, L, H, E)
 
 
 class Attention(nn.Module):
