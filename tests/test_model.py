@@ -17,7 +17,7 @@ from ml_collections import FrozenConfigDict
 from lmjax import config as config_lib
 from lmjax.config import default_config
 from lmjax.model import Transformer, flops_per_token, param_count
-from lmjax.model import matmul
+from lmjax.model import manual_vjp, matmul
 from lmjax.model import positions as pos_lib
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
@@ -409,3 +409,35 @@ def test_cpu_weight_gradients_are_untransposed_matmuls():
 
     assert transposed_dots(tiny_cfg(num_layers=1)) == []
     assert transposed_dots(tiny_cfg(num_layers=1, remat="full")) != []  # the plain autodiff form, which remat keeps
+
+
+@pytest.mark.parametrize("layer", ["layernorm", "layernorm_bias", "rmsnorm", "gelu", "gelu_tanh"])
+def test_hand_written_backward_passes_equal_autodiff(layer):
+    """lmjax.model.manual_vjp's rules against autodiff of the layers' plain code: the same forward
+    values, and gradients for the input and the scale (and bias) equal to float rounding."""
+    from lmjax.model import mlp, norms
+
+    x = 3.0 * jax.random.normal(jax.random.key(1), (2, 5, 16)) + 0.5
+    cotangent = jax.random.normal(jax.random.key(2), x.shape)
+    if layer.startswith("gelu"):
+        params = {}
+        plain = lambda params, x: mlp.ACTIVATIONS[layer](x)  # noqa: E731
+        manual = lambda params, x: manual_vjp.ACTIVATIONS[layer](x)  # noqa: E731
+    else:
+        def make(manual):
+            if layer == "rmsnorm":
+                return norms.RMSNorm(manual_vjp=manual)
+            return norms.LayerNorm(use_bias=layer == "layernorm_bias", manual_vjp=manual)
+
+        params = make(False).init(jax.random.key(0), x)  # then moved off their 1s and 0s
+        params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(3), p.shape), params)
+        plain = lambda params, x: make(False).apply(params, x)  # noqa: E731
+        manual = lambda params, x: make(True).apply(params, x)  # noqa: E731
+
+    def forward_and_grads(fn):
+        grads = jax.jit(jax.grad(lambda params, x: jnp.sum(fn(params, x) * cotangent), (0, 1)))(params, x)
+        return fn(params, x), grads
+
+    (y_plain, grads_plain), (y_manual, grads_manual) = forward_and_grads(plain), forward_and_grads(manual)
+    np.testing.assert_allclose(y_manual, y_plain, rtol=1e-6, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads_manual, grads_plain)

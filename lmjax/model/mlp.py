@@ -4,20 +4,13 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from lmjax.model import manual_vjp
 from lmjax.model.matmul import dot_general_for
 
-
-def gelu_exact(x: jnp.ndarray) -> jnp.ndarray:
-    """x * Phi(x) through erf, as PyTorch writes it: `nn.gelu(approximate=False)` goes through erfc,
-    which XLA's CPU backend lowers to two evaluated branches and a select."""
-    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
-
-
 ACTIVATIONS = {
-    "gelu": gelu_exact,
+    "gelu": manual_vjp.gelu_erf,
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "relu": nn.relu,
 }
@@ -57,7 +50,9 @@ class Mlp(nn.Module):
             up_BxLxF = dense("up", F, ("embed", "mlp"), cfg.init_std)(x_BxLxD)
             h_BxLxF = nn.silu(gate_BxLxF) * up_BxLxF
         elif cfg.mlp in ACTIVATIONS:
-            h_BxLxF = ACTIVATIONS[cfg.mlp](dense("up", F, ("embed", "mlp"), cfg.init_std)(x_BxLxD))
+            manual = manual_vjp.enabled(cfg) and cfg.mlp in manual_vjp.ACTIVATIONS
+            activation = (manual_vjp.ACTIVATIONS if manual else ACTIVATIONS)[cfg.mlp]
+            h_BxLxF = activation(dense("up", F, ("embed", "mlp"), cfg.init_std)(x_BxLxD))
         else:
             raise ValueError(f"config.model.mlp={cfg.mlp!r}: expected one of {MLP_TYPES}")
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))

@@ -233,7 +233,9 @@ def make_train_step(
             key = jax.random.fold_in(state.rng, state.step)
             grads, sums = accumulate(state.params, batch, key, state.step)
             loss_sum, weight_sum, z_sum = sums["loss_sum"], sums["weight_sum"], sums["z_sum"]
-            grads = jax.tree.map(lambda g: safe_mean(g, weight_sum), grads)
+            # One scalar for every element (a division per element is a pass of its own on CPU).
+            per_weight = safe_mean(jnp.float32(1.0), weight_sum)
+            grads = jax.tree.map(lambda g: g * per_weight.astype(g.dtype), grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
         loss, grad_norm = safe_mean(loss_sum, weight_sum), optax.tree.norm(grads)

@@ -1,0 +1,123 @@
+"""Backward passes written by hand for the elementwise layers: LayerNorm, RMSNorm and GELU.
+
+Autodiff differentiates these layers op by op: under `grad` the forward pass keeps several
+intermediates of each (GELU's erf and its product, a norm's centred input, its deviation and
+their product) and the backward pass rebuilds the textbook gradient from a chain of small ops.
+XLA's CPU compiler turns those into passes of their own over [tokens, features] buffers. Each rule
+below keeps one array (the input, or the normalized input with its inverse deviation) and computes
+the gradient in one expression. The forward values are the same expressions as the layers' own
+(bit for bit); the gradients equal autodiff's to float rounding (tests/test_model.py).
+
+A custom VJP's residuals are kept whatever a remat policy says, so the model uses these rules only
+without remat (`enabled`), as `matmul.dot_general_for` does for the weight matmuls.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_TANH_CUBIC = 0.044715
+
+
+def enabled(cfg) -> bool:
+    """Whether `config.model` trains with these rules: only when no remat policy is set."""
+    return cfg.remat == "none"
+
+
+def _sum_over_tokens(x: jax.Array) -> jax.Array:
+    return jnp.sum(x.reshape(-1, x.shape[-1]), axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def layer_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """(x - mean) / sqrt(var + eps) * scale over the last axis (float32 in, float32 out)."""
+    return _layer_norm_fwd(x, scale, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    inv_std = jnp.reciprocal(jnp.sqrt(var + eps))
+    normed = (x - mean) * inv_std
+    return normed * scale, (normed, inv_std, scale)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+    del eps
+    normed, inv_std, scale = residuals
+    g_scaled = g * scale
+    dx = inv_std * (
+        g_scaled - g_scaled.mean(-1, keepdims=True) - normed * (g_scaled * normed).mean(-1, keepdims=True)
+    )
+    return dx, _sum_over_tokens(g * normed)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) * scale over the last axis (float32 in, float32 out)."""
+    return _rms_norm_fwd(x, scale, eps)[0]
+
+
+def _rms_norm_fwd(x, scale, eps):
+    inv_rms = jnp.reciprocal(jnp.sqrt(jnp.square(x).mean(-1, keepdims=True) + eps))
+    normed = x * inv_rms
+    return normed * scale, (normed, inv_rms, scale)
+
+
+def _rms_norm_bwd(eps, residuals, g):
+    del eps
+    normed, inv_rms, scale = residuals
+    g_scaled = g * scale
+    dx = inv_rms * (g_scaled - normed * (g_scaled * normed).mean(-1, keepdims=True))
+    return dx, _sum_over_tokens(g * normed)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """x * Phi(x) through erf, as PyTorch writes it: `nn.gelu(approximate=False)` goes through erfc,
+    which XLA's CPU backend lowers to two evaluated branches and a select."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * _INV_SQRT_2))
+
+
+@jax.custom_vjp
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """`gelu_erf` with d/dx = Phi(x) + x * phi(x) computed from x alone."""
+    return gelu_erf(x)
+
+
+def _gelu_exact_bwd(x, g):
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * _INV_SQRT_2))
+    pdf = jnp.exp(-0.5 * jnp.square(x)) * _INV_SQRT_2PI
+    return (g * (cdf + x * pdf),)
+
+
+gelu_exact.defvjp(lambda x: (gelu_exact(x), x), _gelu_exact_bwd)
+
+
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GPT-2's tanh GELU, the same expression as `jax.nn.gelu(x, approximate=True)`."""
+    return x * (0.5 * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_CUBIC * (x**3)))))
+
+
+def _gelu_tanh_bwd(x, g):
+    tanh = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_CUBIC * (x**3)))
+    du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * jnp.square(x))
+    return (g * (0.5 * (1.0 + tanh) + 0.5 * x * (1.0 - jnp.square(tanh)) * du_dx),)
+
+
+gelu_tanh.defvjp(lambda x: (gelu_tanh(x), x), _gelu_tanh_bwd)
+
+ACTIVATIONS = {"gelu": gelu_exact, "gelu_tanh": gelu_tanh}
