@@ -74,7 +74,7 @@ def profile(config) -> None:
     import numpy as np
 
     from lmjax import config as config_lib
-    from lmjax import host_memory, sharding, train
+    from lmjax import cpu_dots, host_memory, sharding, train
     from lmjax.model import Transformer
 
     if config.model.vocab_size is None:
@@ -83,6 +83,7 @@ def profile(config) -> None:
     if _REUSE.value:  # before anything starts JAX, as the trainer does
         print(f"one heap for every thread (lmjax.host_memory): "
               f"{host_memory.share_one_heap(host_memory.logits_bytes(config))}")
+    print(f"XLA's own dots, one core (lmjax.cpu_dots): {cpu_dots.eigen_dots_on_one_thread()}")
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
     if _REUSE.value:
         print(f"freed host memory reused (lmjax.host_memory): {host_memory.reuse_freed_host_memory()}")

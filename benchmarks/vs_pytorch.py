@@ -277,13 +277,14 @@ def measure_speed(say: Report, nano: Any, data: dict[str, Any], data_path: str, 
     import jax
     import torch
 
-    from lmjax import hardware, host_memory, sharding, train
+    from lmjax import cpu_dots, hardware, host_memory, sharding, train
     from lmjax import model as model_lib
 
     vocab, train_ids, lmjax_vocab = data["meta"]["vocab_size"], data["train"], data["meta"]["vocab_size"] + 1
     # The trainer's settings (Trainer, Setup), taken here before either side runs: they hold for both.
     logits_bytes = 4 * shape.batch_size * shape.block_size * (shape.vocab_size or lmjax_vocab)
     say(f"one heap for every thread (lmjax.host_memory, both sides): {host_memory.share_one_heap(logits_bytes)}")
+    say(f"XLA's own dots, one core (lmjax.cpu_dots): {cpu_dots.eigen_dots_on_one_thread()}")
     say(f"freed host memory reused (lmjax.host_memory, both sides): {host_memory.reuse_freed_host_memory()}")
     if shape.vocab_size:  # a subword-sized vocabulary: random ids (speed only)
         vocab = lmjax_vocab = shape.vocab_size

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 
-from lmjax import cli, data, hardware, host_memory, model, sharding
+from lmjax import cli, cpu_dots, data, hardware, host_memory, model, sharding
 from lmjax import config as config_lib
 from lmjax.infer import sampling
 from lmjax.train import checkpointing, distill, metrics, preemption, pruning, validation, wsd
@@ -75,7 +75,8 @@ class Trainer:
 
     def __init__(self, config: config_dict.ConfigDict, workdir: str):
         self.wall_start = time.time()
-        host_memory.share_one_heap(host_memory.logits_bytes(config))  # before Setup starts JAX
+        host_memory.share_one_heap(host_memory.logits_bytes(config))  # these two before Setup starts JAX
+        cpu_dots.eigen_dots_on_one_thread()
         self.setup = setup = Setup(config, workdir)
         self.config = config = setup.config
         self.workdir = workdir
