@@ -441,3 +441,24 @@ def test_hand_written_backward_passes_equal_autodiff(layer):
     (y_plain, grads_plain), (y_manual, grads_manual) = forward_and_grads(plain), forward_and_grads(manual)
     np.testing.assert_allclose(y_manual, y_plain, rtol=1e-6, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads_manual, grads_plain)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MHA, GQA, MQA
+def test_hand_written_attention_backward_equals_autodiff(kv_heads):
+    from lmjax.model import attention
+
+    B, L, H, E = 2, 6, 4, 8
+    q = jax.random.normal(jax.random.key(1), (B, L, H, E))
+    k, v = (jax.random.normal(jax.random.key(i), (B, L, kv_heads, E)) for i in (2, 3))
+    mask = jnp.tril(jnp.ones((L, L), bool))[None, None]
+    cotangent = jax.random.normal(jax.random.key(4), (B, L, H, E))
+
+    def forward_and_grads(manual):
+        fn = lambda q, k, v: attention.einsum_attention(q, k, v, mask, None, manual_backward=manual)  # noqa: E731
+        grads = jax.jit(jax.grad(lambda *qkv: jnp.sum(fn(*qkv) * cotangent), (0, 1, 2)))(q, k, v)
+        return fn(q, k, v), grads
+
+    (y_plain, grads_plain), (y_manual, grads_manual) = forward_and_grads(False), forward_and_grads(True)
+    np.testing.assert_allclose(y_manual, y_plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_manual, grads_plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax.model import manual_vjp
 from lmjax.model import positions as pos_lib
 from lmjax.model.matmul import dot_general_for
 from lmjax.model.norms import RMSNorm
@@ -96,12 +97,14 @@ def einsum_attention(
     bias_BxHxLxS: jnp.ndarray | None,
     dropout: nn.Module | None = None,
     kv_axes: str = "bske",
+    manual_backward: bool = False,
 ) -> jnp.ndarray:
     """softmax(q k^T / sqrt(E) + bias, masked) v, each group of G query heads sharing one kv head.
 
     Keys and values are [B, S, K, E] (this call's own) or in the order `kv_axes` names (a cache's,
     see `cache_axes`). The logits and softmax are float32 whatever the compute dtype: in bfloat16
     the exponentials of long rows lose the small probabilities and the max-subtraction is too coarse.
+    `manual_backward`: differentiate through `manual_vjp.softmax_attention` (no bias or dropout).
 
     The query heads are split into [K, G] only where both are above one (GQA): a size-1 axis in the
     logits sends XLA's CPU backend down a slow path for the softmax gradient's row sum (~10x that
@@ -122,11 +125,13 @@ def einsum_attention(
         q_axes, logit_axes = q_axes.replace("k", ""), logit_axes.replace("k", "")
     head_shape = tuple(n for n in (K, G) if n > 1)
     q = q_BxLxHxE.reshape(B, L, *head_shape, E)
+    mask = mask_Bx1xLxS.reshape(mask_Bx1xLxS.shape[0], *(1 for _ in head_shape), *mask_Bx1xLxS.shape[2:])
+    if manual_backward and bias_BxHxLxS is None and dropout is None:  # the forward below, another backward
+        return manual_vjp.softmax_attention(q, k, v, mask, (q_axes, kv_axes, logit_axes)).reshape(B, L, H, E)
     logits = jnp.einsum(f"{q_axes},{kv_axes}->{logit_axes}", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.float32(math.sqrt(E))
     if bias_BxHxLxS is not None:
         logits += bias_BxHxLxS.reshape(B, *head_shape, L, -1)
-    mask = mask_Bx1xLxS.reshape(mask_Bx1xLxS.shape[0], *(1 for _ in head_shape), *mask_Bx1xLxS.shape[2:])
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout is not None:
@@ -207,7 +212,8 @@ class Attention(nn.Module):
                 L = x_BxLxD.shape[1]
                 mask_Bx1xLxS = jnp.tril(jnp.ones((L, L), bool))[None, None]
             dropout = nn.Dropout(cfg.dropout, deterministic=False) if attn_dropout else None
-            out_BxLxHxE = einsum_attention(q_BxLxHxE, k, v, mask_Bx1xLxS, bias_BxHxLxS, dropout, kv_axes)
+            manual = manual_vjp.enabled(cfg) and cache is None
+            out_BxLxHxE = einsum_attention(q_BxLxHxE, k, v, mask_Bx1xLxS, bias_BxHxLxS, dropout, kv_axes, manual)
         else:
             raise ValueError(f"config.model.attention={cfg.attention!r}: expected one of {IMPLEMENTATIONS}")
         out_BxLxHxE = nn.with_logical_constraint(out_BxLxHxE, ("batch", "length", "heads", "head_dim"))

@@ -121,3 +121,50 @@ def _gelu_tanh_bwd(x, g):
 gelu_tanh.defvjp(lambda x: (gelu_tanh(x), x), _gelu_tanh_bwd)
 
 ACTIVATIONS = {"gelu": gelu_exact, "gelu_tanh": gelu_tanh}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, axes: tuple[str, str, str]):
+    """softmax(q k^T / sqrt(E), masked) v, as `attention.einsum_attention` computes it without a bias
+    or dropout; `axes` are its einsum subscripts (queries, keys and values, logits).
+
+    The backward pass takes the softmax's row sum from the saved probabilities, and forms the key and
+    value gradients, which sum over query positions, from queries and output gradients written with
+    those positions last: plain matmuls, where autodiff's contract a transposed operand."""
+    return _attention_fwd(q, k, v, mask, axes)[0]
+
+
+def _attention_fwd(q, k, v, mask, axes):
+    q_axes, kv_axes, logit_axes = axes
+    logits = jnp.einsum(f"{q_axes},{kv_axes}->{logit_axes}", q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.float32(math.sqrt(q.shape[-1]))
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum(f"{logit_axes},{kv_axes}->{q_axes}", probs.astype(v.dtype), v)
+    return out, (q, k, v, probs)
+
+
+def _sum_over_queries(weights: jax.Array, x: jax.Array, axes: tuple[str, str, str]) -> jax.Array:
+    """sum over query positions (and query heads of a group) of weights[..., l, s] x[..., l, e], in the
+    keys' axis order."""
+    q_axes, kv_axes, logit_axes = axes
+    batch = "".join(a for a in logit_axes if a in kv_axes and a != "s")
+    summed = "".join(a for a in logit_axes if a not in kv_axes)  # the group axis (if any), then l
+    x_t = x.transpose([q_axes.index(a) for a in f"{batch}e{summed}"])
+    out = jnp.einsum(f"{batch}e{summed},{logit_axes}->{batch}es", x_t, weights.astype(x.dtype))
+    return out.transpose([f"{batch}es".index(a) for a in kv_axes])
+
+
+def _attention_bwd(axes, residuals, d_out):
+    q_axes, kv_axes, logit_axes = axes
+    q, k, v, probs = residuals
+    d_probs = jnp.einsum(f"{q_axes},{kv_axes}->{logit_axes}", d_out, v, preferred_element_type=jnp.float32)
+    d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+    d_logits = d_logits / jnp.float32(math.sqrt(q.shape[-1]))
+    dq = jnp.einsum(f"{logit_axes},{kv_axes}->{q_axes}", d_logits.astype(k.dtype), k)
+    dk = _sum_over_queries(d_logits, q, axes).astype(k.dtype)
+    dv = _sum_over_queries(probs, d_out, axes).astype(v.dtype)
+    return dq.astype(q.dtype), dk, dv, None
+
+
+softmax_attention.defvjp(_attention_fwd, _attention_bwd)
