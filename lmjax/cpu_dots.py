@@ -2,9 +2,9 @@
 
 XLA's CPU compiler hands each dot to YNNPACK by default. With a single compute thread its own dot
 (Eigen's tensor contraction) ran nearly every matmul shape of lmjax's small models faster where we
-measured, and the whole train step with it; with two threads neither was ahead over a step, so there
-the default stays (figures: the README's CPU section). XLA sizes its compute pool from
-the cores the process may use, so one usable core means one thread.
+measured, and the whole train step with it; with two threads neither was ahead over a step, so
+there the default stays (figures: the README's CPU section). XLA sizes its compute pool from the
+cores the process may use, so one usable core means one thread.
 
 `eigen_dots_on_one_thread()` appends `--xla_cpu_experimental_ynn_fusion_type=-individual_dot` to
 XLA_FLAGS (YNNPACK's fused reductions stay) when the process may use one core of a CPU-only host. It

@@ -1,12 +1,12 @@
-"""Backward passes written by hand for the elementwise layers: LayerNorm, RMSNorm and GELU.
+"""Backward passes written by hand: LayerNorm, RMSNorm, GELU, and softmax attention.
 
-Autodiff differentiates these layers op by op: under `grad` the forward pass keeps several
+Autodiff differentiates the elementwise layers op by op: under `grad` the forward pass keeps several
 intermediates of each (GELU's erf and its product, a norm's centred input, its deviation and
 their product) and the backward pass rebuilds the textbook gradient from a chain of small ops.
 XLA's CPU compiler turns those into passes of their own over [tokens, features] buffers. Each rule
 below keeps one array (the input, or the normalized input with its inverse deviation) and computes
-the gradient in one expression. The forward values are the same expressions as the layers' own
-(bit for bit); the gradients equal autodiff's to float rounding (tests/test_model.py).
+the gradient in one expression (attention: see `softmax_attention`). The forward passes are the
+layers' own expressions; the gradients equal autodiff's to float rounding (tests/test_model.py).
 
 A custom VJP's residuals are kept whatever a remat policy says, so the model uses these rules only
 without remat (`enabled`), as `matmul.dot_general_for` does for the weight matmuls.
