@@ -126,3 +126,23 @@ def test_harness_without_nanogpt_is_one_error_line(tmp_path, args, expected):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["input.txt"]
+
+
+def test_dot_libraries_lists_the_steps_matmuls_at_the_models_sizes():
+    """benchmarks/dot_libraries.py times the step's matmuls: their FLOPs against a hand count."""
+    spec = importlib.util.spec_from_file_location("dot_libraries_under_test", os.path.join(REPO, "benchmarks", "dot_libraries.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shape = module.SHAPES["gpt_small"]  # 4 layers, d=192, 6 heads, context 128, batch 32, vocabulary 4,096
+    rows = {what: (a, b) for what, a, b in module.step_matmuls(shape)}
+    T, D, F, V = 32 * 128, 192, 768, 4096
+    fwd = {what: module.flops(a, b) for what, (a, b) in rows.items() if "forward" in what}
+    # one layer's q, k, v and out projections, its two MLP matmuls, and the head: 2 FLOPs per multiply-add
+    assert 4 * fwd["q/k/v/out: forward, input grad"] + fwd["mlp up: forward; mlp down: input grad"] + \
+        fwd["mlp down: forward; mlp up: input grad"] == 2 * T * (4 * D * D + 2 * D * F)
+    assert fwd["lm head: forward"] == 2 * T * D * V
+    for layer in ("q/k/v/out", "mlp up", "mlp down"):  # a weight gradient costs its forward matmul
+        forward = next(f for what, f in fwd.items() if what.startswith(layer + ": forward"))
+        assert module.flops(*rows[layer + ": weight grad"]) == forward
+    # attention: q k^T and p v over 32 x 6 (row, head) pairs of 128 x 128 logits with 32-wide heads
+    assert module.flops(*rows["attention: q k^T, dp"]) == module.flops(*rows["attention: p v, dq, dk, dv"]) == 2 * 32 * 6 * 128 * 128 * 32
