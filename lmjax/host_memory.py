@@ -7,7 +7,9 @@ of them; for a small model the kernel's faulting and zeroing of those pages is a
 step. PyTorch's eager ops allocate one tensor at a time, small enough for glibc to reuse from its heap,
 so they do not pay this. `reuse_freed_host_memory()` turns off glibc's per-allocation `mmap` and raises
 the threshold above which it gives a freed heap top back to the system, so the next call reuses the
-pages this one freed. The process then holds on to its peak heap, as any caching allocator does.
+pages this one freed. The process then holds on to its peak heap, as any caching allocator does:
+glibc never trims it: any threshold would have to exceed the largest step's peak (the ~10M model's
+step frees over 1 GiB at once, which a 1 GiB threshold gave back and faulted in again at every call).
 
 XLA's compute threads allocate from heaps of their own, each at most 64 MiB, which glibc maps anew
 and unmaps as they fill and empty: a step whose buffers approach that size (the quickstart model's
@@ -32,7 +34,7 @@ import os
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-TRIM_THRESHOLD_BYTES = 1 << 30  # free heap kept at the top before glibc trims it
+NEVER_TRIM = -1  # M_TRIM_THRESHOLD of -1: glibc keeps the freed top of its heap, however large
 THREAD_HEAP_BYTES = 64 << 20  # the most a glibc thread heap holds (64-bit)
 ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")  # GPUs, TPUs
 
@@ -82,5 +84,5 @@ def reuse_freed_host_memory() -> bool:
     mallopt = _mallopt()
     if mallopt is None or jax.default_backend() != "cpu":
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, NEVER_TRIM))
 

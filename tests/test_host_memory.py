@@ -71,3 +71,28 @@ def test_threads_share_the_main_heap_only_when_a_step_buffer_nears_a_thread_heap
         heaps[size] = (result.stdout.strip(), result.stderr.count("Arena "))
     assert heaps[1 << 20] == ("False", 2)  # the thread got a heap of its own
     assert heaps[64 << 20] == ("True", 1)  # it allocated from the main heap
+
+
+
+BIG_SCRIPT = textwrap.dedent("""
+    import resource
+    import jax, jax.numpy as jnp
+    from lmjax import host_memory
+
+    assert host_memory.reuse_freed_host_memory()
+    fill = jax.jit(lambda v: jnp.full((9 << 25,), v, jnp.float32))  # 1.125 GiB, freed when dropped
+    counts = []
+    for i in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fill(float(i)).block_until_ready()
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(sorted(counts[-3:])[1])
+""")
+
+
+def test_a_freed_buffer_over_a_gibibyte_is_kept_for_the_next_call():
+    """The largest steps free more than any fixed trim threshold glibc could keep: it keeps them all."""
+    result = subprocess.run([sys.executable, "-c", BIG_SCRIPT], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split()[-1]) < 0.05 * (9 << 27) / 4096  # pages of one output
