@@ -411,6 +411,23 @@ def test_cpu_weight_gradients_are_untransposed_matmuls():
     assert transposed_dots(tiny_cfg(num_layers=1, remat="full")) != []  # the plain autodiff form, which remat keeps
 
 
+def test_cpu_head_gradient_does_not_transpose_the_logits_gradient():
+    """On CPU the (tied) LM head's weight gradient transposes its [B*L, D] input, not the [B*L, V]
+    logits gradient, the step's largest array (vocabulary, width and tokens all differ here)."""
+    import re
+
+    def logits_sized_arrays_vocab_first(cfg):
+        tokens = jnp.zeros((2, 24), jnp.int32)
+        params = Transformer(cfg).init(jax.random.key(0), tokens)["params"]
+        loss = lambda p: jnp.sum(jnp.sin(Transformer(cfg).apply({"params": p}, tokens)))
+        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        shapes = re.findall(r"= f32\[([\d,]+)\]\{[\d,]+\} (?!parameter)", hlo[hlo.index("\nENTRY"):])
+        return [s for s in shapes if s in ("96,48", "96,2,24")]
+
+    assert logits_sized_arrays_vocab_first(tiny_cfg(num_layers=1, vocab_size=96)) == []
+    assert logits_sized_arrays_vocab_first(tiny_cfg(num_layers=1, vocab_size=96, remat="full")) != []  # einsum's
+
+
 @pytest.mark.parametrize("layer", ["layernorm", "layernorm_bias", "rmsnorm", "gelu", "gelu_tanh"])
 def test_hand_written_backward_passes_equal_autodiff(layer):
     """lmjax.model.manual_vjp's rules against autodiff of the layers' plain code: the same forward

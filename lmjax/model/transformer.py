@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from lmjax.model import moe as moe_lib
 from lmjax.model import positions as pos_lib
 from lmjax.model.attention import Attention, cache_write
+from lmjax.model.matmul import dot_general_for
 from lmjax.model.mlp import Mlp
 from lmjax.model.norms import make_norm
 
@@ -191,9 +192,14 @@ class Transformer(nn.Module):
         # promote_dtype, not astype, lets a quantized head through; its einsum (qwix) returns the
         # compute dtype whatever preferred_element_type says, hence the final cast.
         x_BxLxD, head_DxV = nn.dtypes.promote_dtype(x_BxLxD, head_DxV, dtype=dtype)
-        logits_BxLxV = jnp.einsum(
-            "bld,dv->blv", x_BxLxD, head_DxV, preferred_element_type=jnp.float32
-        ).astype(jnp.float32)
+        if jnp.dtype(dtype) == jnp.float32:
+            # The dense layers' matmul: on CPU the head's weight gradient then transposes the
+            # [B, L, D] input, not the [B, L, V] logits gradient.
+            logits_BxLxV = dot_general_for(cfg)(x_BxLxD, head_DxV, (((2,), (0,)), ((), ())))
+        else:
+            logits_BxLxV = jnp.einsum(
+                "bld,dv->blv", x_BxLxD, head_DxV, preferred_element_type=jnp.float32
+            ).astype(jnp.float32)
         if V > cfg.vocab_size:
             logits_BxLxV = jnp.where(jnp.arange(V) < cfg.vocab_size, logits_BxLxV, PADDING_LOGIT)
         logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
