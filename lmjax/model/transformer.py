@@ -192,9 +192,10 @@ class Transformer(nn.Module):
         # promote_dtype, not astype, lets a quantized head through; its einsum (qwix) returns the
         # compute dtype whatever preferred_element_type says, hence the final cast.
         x_BxLxD, head_DxV = nn.dtypes.promote_dtype(x_BxLxD, head_DxV, dtype=dtype)
-        if jnp.dtype(dtype) == jnp.float32:
+        if jnp.dtype(dtype) == jnp.float32 and V >= D:
             # The dense layers' matmul: on CPU the head's weight gradient then transposes the
-            # [B, L, D] input, not the [B, L, V] logits gradient.
+            # [B, L, D] input, not the larger [B, L, V] logits gradient (a small vocabulary keeps
+            # the einsum, whose gradient transposes the logits' instead).
             logits_BxLxV = dot_general_for(cfg)(x_BxLxD, head_DxV, (((2,), (0,)), ((), ())))
         else:
             logits_BxLxV = jnp.einsum(
