@@ -5,11 +5,11 @@ frees them at its end. glibc serves large requests with their own `mmap` and ret
 on free, so each call of a compiled step touches brand-new pages and takes a page fault for every 4 KiB
 of them; for a small model the kernel's faulting and zeroing of those pages is a large share of the
 step. PyTorch's eager ops allocate one tensor at a time, small enough for glibc to reuse from its heap,
-so they do not pay this. `reuse_freed_host_memory()` turns off glibc's per-allocation `mmap` and raises
-the threshold above which it gives a freed heap top back to the system, so the next call reuses the
-pages this one freed. The process then holds on to its peak heap, as any caching allocator does:
-glibc never trims it: any threshold would have to exceed the largest step's peak (the ~10M model's
-step frees over 1 GiB at once, which a 1 GiB threshold gave back and faulted in again at every call).
+so they do not pay this. `reuse_freed_host_memory()` turns off glibc's per-allocation `mmap` and its
+trimming of the freed top of the heap, so the next call reuses the pages this one freed. The process
+then holds on to its peak heap, as any caching allocator does. No trim threshold would do: it would
+have to exceed the largest step's peak, and the ~10M model's step frees over 1 GiB at once, which a
+1 GiB threshold gave back and faulted in again at every call.
 
 XLA's compute threads allocate from heaps of their own, each at most 64 MiB, which glibc maps anew
 and unmaps as they fill and empty: a step whose buffers approach that size (the quickstart model's

@@ -73,7 +73,6 @@ def test_threads_share_the_main_heap_only_when_a_step_buffer_nears_a_thread_heap
     assert heaps[64 << 20] == ("True", 1)  # it allocated from the main heap
 
 
-
 BIG_SCRIPT = textwrap.dedent("""
     import resource
     import jax, jax.numpy as jnp
