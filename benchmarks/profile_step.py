@@ -81,8 +81,8 @@ def profile(config) -> None:
         config.model.vocab_size = _VOCAB.value
     config_lib.check(config)
     if _REUSE.value:  # before anything starts JAX, as the trainer does
-        print(f"one heap for every thread (lmjax.host_memory): "
-              f"{host_memory.share_one_heap(host_memory.logits_bytes(config))}")
+        print(f"one heap for every thread, steps run inline (lmjax.host_memory): "
+              f"{host_memory.one_heap_for_large_steps(host_memory.logits_bytes(config))}")
     print(f"XLA's own dots, one core (lmjax.cpu_dots): {cpu_dots.eigen_dots_on_one_thread()}")
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
     if _REUSE.value:

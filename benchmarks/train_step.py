@@ -101,8 +101,8 @@ def measure(config) -> None:
     from lmjax import model as model_lib
 
     if _REUSE.value:  # before anything starts JAX, as the trainer does
-        print(f"one heap for every thread (lmjax.host_memory): "
-              f"{host_memory.share_one_heap(host_memory.logits_bytes(config))}")
+        print(f"one heap for every thread, steps run inline (lmjax.host_memory): "
+              f"{host_memory.one_heap_for_large_steps(host_memory.logits_bytes(config))}")
     print(f"XLA's own dots, one core (lmjax.cpu_dots): {cpu_dots.eigen_dots_on_one_thread()}")
     variants = 2 if _COMPARE_MASKS.value else 1
     config.train.steps = max(int(config.train.steps), variants * (_WARMUP.value + _STEPS.value) + 1)

@@ -283,7 +283,8 @@ def measure_speed(say: Report, nano: Any, data: dict[str, Any], data_path: str, 
     vocab, train_ids, lmjax_vocab = data["meta"]["vocab_size"], data["train"], data["meta"]["vocab_size"] + 1
     # The trainer's settings (Trainer, Setup), taken here before either side runs: they hold for both.
     logits_bytes = 4 * shape.batch_size * shape.block_size * (shape.vocab_size or lmjax_vocab)
-    say(f"one heap for every thread (lmjax.host_memory, both sides): {host_memory.share_one_heap(logits_bytes)}")
+    say("one heap for every thread (both sides), lmjax's steps run inline (lmjax.host_memory): "
+        f"{host_memory.one_heap_for_large_steps(logits_bytes)}")
     say(f"XLA's own dots, one core (lmjax.cpu_dots): {cpu_dots.eigen_dots_on_one_thread()}")
     say(f"freed host memory reused (lmjax.host_memory, both sides): {host_memory.reuse_freed_host_memory()}")
     if shape.vocab_size:  # a subword-sized vocabulary: random ids (speed only)

@@ -15,7 +15,6 @@ An accelerator's compiler does not read the flag.
 from __future__ import annotations
 
 import os
-import sys
 
 from lmjax import host_memory
 
@@ -30,21 +29,13 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _backend_started() -> bool:
-    if "jax" not in sys.modules:
-        return False
-    from jax._src import xla_bridge
-
-    return xla_bridge.backends_are_initialized()
-
-
 def eigen_dots_on_one_thread() -> bool:
     """Sets XLA's CPU dots to its own implementation on a one-core CPU-only host, before JAX starts.
     Returns whether XLA_FLAGS now holds that setting."""
     flags = os.environ.get("XLA_FLAGS", "")
     if EIGEN_DOTS in flags.split():
         return True
-    if YNN_FUSION_FLAG in flags or usable_cores() != 1 or not host_memory.cpu_only_host() or _backend_started():
+    if YNN_FUSION_FLAG in flags or usable_cores() != 1 or not host_memory.cpu_only_host() or host_memory.backend_started():
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_DOTS}".strip()
     return True

@@ -14,10 +14,15 @@ have to exceed the largest step's peak, and the ~10M model's step frees over 1 G
 XLA's compute threads allocate from heaps of their own, each at most 64 MiB, which glibc maps anew
 and unmaps as they fill and empty: a step whose buffers approach that size (the quickstart model's
 logits are 64 MiB) faults them in again at every call whatever the settings above.
-`share_one_heap(bytes)`, called before JAX starts its threads, makes every thread allocate from the
+`one_heap_for_large_steps(bytes)`, called before JAX starts, makes every thread allocate from the
 main heap when a step's largest buffer is that large (measured on the quickstart model: ~2M page
-faults in 10 steps -> ~0.7M, all at start-up, and a ~25% faster step). Small models keep one heap per
-thread: there one shared heap's lock cost ~5% of a step.
+faults in 10 steps -> ~0.7M, all at start-up, and a ~25% faster step), and runs single-device steps
+on the calling thread (JAX's CPU async dispatch off). XLA takes all of a step's temporaries as one
+block (1.2 GiB for the ~10M model); dispatched asynchronously, other allocations land in that block
+once it is freed, the next step's no longer fits, and the heap grows by another: the ~10M model's
+process reached 5.3-6.5 GiB, against 1.8 GiB called inline (the quickstart's: 2.1-3.3 GiB against
+1.0), at the same step time. Small models keep one heap per thread and asynchronous dispatch: there
+one shared heap's lock cost ~5% of a step, and the blocks are small.
 
 It applies only on the CPU backend: there arrays and temporaries live in host memory; an accelerator's
 live in device memory, and its hosts keep glibc's defaults.
@@ -30,6 +35,7 @@ import ctypes.util
 import functools
 import glob
 import os
+import sys
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
 _M_MMAP_MAX = -4
@@ -64,15 +70,30 @@ def logits_bytes(config) -> int:
     return 4 * rows * int(config.data.seq_len) * int(vocab)
 
 
-@functools.cache
-def share_one_heap(largest_buffer_bytes: int) -> bool:
-    """On a CPU-only host with glibc, when a step's largest buffer is at least half a thread heap:
-    every thread allocates from the main heap. Must run before JAX starts its threads (threads that
-    have allocated already keep their heaps). Returns whether it applied."""
-    if largest_buffer_bytes < THREAD_HEAP_BYTES // 2 or not cpu_only_host():
+def backend_started() -> bool:
+    """Whether JAX has created its backends (after which its CPU client and thread settings are fixed)."""
+    if "jax" not in sys.modules:
         return False
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
+@functools.cache
+def one_heap_for_large_steps(largest_buffer_bytes: int) -> bool:
+    """On a CPU-only host with glibc, when a step's largest buffer is at least half a thread heap:
+    every thread allocates from the main heap, and single-device steps run on the calling thread
+    (unless JAX_CPU_ENABLE_ASYNC_DISPATCH says otherwise). Must run before JAX starts its backend.
+    Returns whether it applied."""
     mallopt = _mallopt()
-    return bool(mallopt and mallopt(_M_ARENA_MAX, 1))
+    if (largest_buffer_bytes < THREAD_HEAP_BYTES // 2 or not cpu_only_host() or mallopt is None
+            or backend_started()):
+        return False
+    if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ:
+        import jax
+
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return bool(mallopt(_M_ARENA_MAX, 1))
 
 
 @functools.cache

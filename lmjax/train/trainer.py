@@ -75,7 +75,7 @@ class Trainer:
 
     def __init__(self, config: config_dict.ConfigDict, workdir: str):
         self.wall_start = time.time()
-        host_memory.share_one_heap(host_memory.logits_bytes(config))  # these two before Setup starts JAX
+        host_memory.one_heap_for_large_steps(host_memory.logits_bytes(config))  # these two before Setup starts JAX
         cpu_dots.eigen_dots_on_one_thread()
         self.setup = setup = Setup(config, workdir)
         self.config = config = setup.config
