@@ -81,7 +81,7 @@ def profile(config) -> None:
         config.model.vocab_size = _VOCAB.value
     config_lib.check(config)
     if _REUSE.value:  # before anything starts JAX, as the trainer does
-        print(f"one heap for every thread, steps run inline (lmjax.host_memory): "
+        print(f"one heap, steps inline (lmjax.host_memory.one_heap_for_large_steps): "
               f"{host_memory.one_heap_for_large_steps(host_memory.logits_bytes(config))}")
     print(f"XLA's own dots, one core (lmjax.cpu_dots): {cpu_dots.eigen_dots_on_one_thread()}")
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)

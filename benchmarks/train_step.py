@@ -9,7 +9,9 @@ No tokenizer or data is needed: the batch is random tokens over `--vocab_size` (
 config leaves `model.vocab_size` unset). The step is the one the trainer runs (same shardings,
 donated state); the mesh comes from `config.mesh` (data=-1 takes every device). `--fake_devices=N`
 re-runs this script with N fake CPU devices (XLA's host-platform device count), which must be
-set before JAX starts. Timing: `--warmup` untimed steps, then the median of `--steps` steps.
+set before JAX starts. Timing: `--warmup` untimed steps, then the median of `--steps` steps. On the
+CPU it also prints the process's peak memory: `JAX_CPU_ENABLE_ASYNC_DISPATCH=true` keeps a large
+step asynchronous, to see what running it on the calling thread saves (`lmjax.host_memory`).
 
 The achieved model GFLOP/s (analytic FLOPs, as `lmjax.model.flops_per_token` counts them) is the
 figure to compare between runs. MFU divides it by the peak the trainer uses
@@ -101,7 +103,7 @@ def measure(config) -> None:
     from lmjax import model as model_lib
 
     if _REUSE.value:  # before anything starts JAX, as the trainer does
-        print(f"one heap for every thread, steps run inline (lmjax.host_memory): "
+        print(f"one heap, steps inline (lmjax.host_memory.one_heap_for_large_steps): "
               f"{host_memory.one_heap_for_large_steps(host_memory.logits_bytes(config))}")
     print(f"XLA's own dots, one core (lmjax.cpu_dots): {cpu_dots.eigen_dots_on_one_thread()}")
     variants = 2 if _COMPARE_MASKS.value else 1
@@ -164,6 +166,10 @@ def measure(config) -> None:
         if peak_per_device is not None:
             line += f", MFU {train.mfu(tokens_per_sec, flops_per_token, devices, peak_per_device):.1%} ({source} peak)"
         print(line)
+    if devices[0].platform == "cpu" and sys.platform == "linux":  # ru_maxrss is in KiB on Linux
+        import resource
+
+        print(f"peak host memory (max RSS of this process) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10:,} MiB")
     if _COMPARE_MASKS.value:
         # Each round ran both steps back to back: the median of per-round ratios is less exposed to
         # load that changes between rounds than the ratio of the two medians.
