@@ -83,7 +83,7 @@ def profile(config) -> None:
     if _REUSE.value:  # before anything starts JAX, as the trainer does
         print(f"one heap, steps inline (lmjax.host_memory.one_heap_for_large_steps): "
               f"{host_memory.one_heap_for_large_steps(host_memory.logits_bytes(config))}")
-    print(f"XLA's own dots, one core (lmjax.cpu_dots): {cpu_dots.eigen_dots_on_one_thread()}")
+    print(f"CPU dot library (lmjax.cpu_dots): {cpu_dots.choose_dot_library()}")
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
     if _REUSE.value:
         print(f"freed host memory reused (lmjax.host_memory): {host_memory.reuse_freed_host_memory()}")

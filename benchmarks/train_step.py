@@ -105,7 +105,7 @@ def measure(config) -> None:
     if _REUSE.value:  # before anything starts JAX, as the trainer does
         print(f"one heap, steps inline (lmjax.host_memory.one_heap_for_large_steps): "
               f"{host_memory.one_heap_for_large_steps(host_memory.logits_bytes(config))}")
-    print(f"XLA's own dots, one core (lmjax.cpu_dots): {cpu_dots.eigen_dots_on_one_thread()}")
+    print(f"CPU dot library (lmjax.cpu_dots): {cpu_dots.choose_dot_library()}")
     variants = 2 if _COMPARE_MASKS.value else 1
     config.train.steps = max(int(config.train.steps), variants * (_WARMUP.value + _STEPS.value) + 1)
     mesh = sharding.make_mesh(config.mesh)
@@ -169,7 +169,8 @@ def measure(config) -> None:
     if devices[0].platform == "cpu" and sys.platform == "linux":  # ru_maxrss is in KiB on Linux
         import resource
 
-        print(f"peak host memory (max RSS of this process) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10:,} MiB")
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+        print(f"peak host memory (max RSS of this process) {peak_mib:,} MiB")
     if _COMPARE_MASKS.value:
         # Each round ran both steps back to back: the median of per-round ratios is less exposed to
         # load that changes between rounds than the ratio of the two medians.

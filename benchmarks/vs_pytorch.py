@@ -285,7 +285,7 @@ def measure_speed(say: Report, nano: Any, data: dict[str, Any], data_path: str, 
     logits_bytes = 4 * shape.batch_size * shape.block_size * (shape.vocab_size or lmjax_vocab)
     say("one heap for every thread (both sides), lmjax's steps run inline (lmjax.host_memory): "
         f"{host_memory.one_heap_for_large_steps(logits_bytes)}")
-    say(f"XLA's own dots, one core (lmjax.cpu_dots): {cpu_dots.eigen_dots_on_one_thread()}")
+    say(f"CPU dot library (lmjax.cpu_dots): {cpu_dots.choose_dot_library()}")
     say(f"freed host memory reused (lmjax.host_memory, both sides): {host_memory.reuse_freed_host_memory()}")
     if shape.vocab_size:  # a subword-sized vocabulary: random ids (speed only)
         vocab = lmjax_vocab = shape.vocab_size

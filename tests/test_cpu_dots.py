@@ -1,6 +1,7 @@
-"""On one core of a CPU-only host, XLA runs lmjax's dots itself instead of through YNNPACK."""
+"""A CPU-only host's dot library by its cores: XLA's own (Eigen) on one, oneDNN on more (x86)."""
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -12,11 +13,12 @@ SCRIPT = textwrap.dedent("""
     import os, sys
     os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(",")])
     from lmjax import cpu_dots
-    applied = cpu_dots.eigen_dots_on_one_thread()
+    chosen = cpu_dots.choose_dot_library()
     import jax, jax.numpy as jnp
     x = jnp.ones((64, 32), jnp.float32)
     hlo = jax.jit(lambda x: x @ x.T).lower(x).compile().as_text()
-    print(applied, "__ynn_fusion" in hlo, cpu_dots.eigen_dots_on_one_thread(), os.environ.get("XLA_FLAGS", ""))
+    library = "onednn" if "__onednn_fusion" in hlo else "ynnpack" if "__ynn_fusion" in hlo else "xla"
+    print(chosen, library, cpu_dots.choose_dot_library(), os.environ.get("XLA_FLAGS", ""))
 """)
 
 
@@ -31,13 +33,17 @@ def run(cores: str, xla_flags: str | None = None) -> list[str]:
 
 
 def test_one_core_gets_xlas_own_dots_and_the_flag_stays_once():
-    applied, ynn, again, flags = run("0", "--xla_cpu_enable_fast_math=false")
-    assert (applied, ynn, again) == ("True", "False", "True")
+    chosen, library, again, flags = run("0", "--xla_cpu_enable_fast_math=false")
+    assert (chosen, library, again) == ("eigen", "xla", "eigen")
     assert flags.split() == ["--xla_cpu_enable_fast_math=false", "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"]
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
-def test_two_cores_and_a_users_own_setting_keep_ynnpacks_dots():
-    assert run("0,1")[:2] == ["False", "True"]
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="needs two cores of an x86 CPU")
+def test_two_cores_get_onednn_dots_unless_the_user_chose_a_library():
+    chosen, library, again, flags = run("0,1")
+    assert (chosen, library, again) == ("onednn", "onednn", "onednn")
+    assert flags.split() == ["--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_fusion_type=individual_dot"]
     user = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
-    assert run("0", user)[:2] == ["False", "True"]
+    assert run("0,1", user)[:2] == ["None", "ynnpack"]
+    assert run("0", user)[:2] == ["None", "ynnpack"]

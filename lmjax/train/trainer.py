@@ -76,7 +76,7 @@ class Trainer:
     def __init__(self, config: config_dict.ConfigDict, workdir: str):
         self.wall_start = time.time()
         host_memory.one_heap_for_large_steps(host_memory.logits_bytes(config))  # these two before Setup starts JAX
-        cpu_dots.eigen_dots_on_one_thread()
+        cpu_dots.choose_dot_library()
         self.setup = setup = Setup(config, workdir)
         self.config = config = setup.config
         self.workdir = workdir
