@@ -3,10 +3,9 @@
 XLA's CPU compiler hands each dot to YNNPACK by default. With a single compute thread its own dot
 (Eigen's tensor contraction) ran nearly every matmul shape of lmjax's small models faster where we
 measured, and the whole train step with it. With two threads YNNPACK's and Eigen's dots barely use
-the second one at these sizes, while oneDNN's (experimental in XLA, x86 only) do: the train step took
-0.78-0.80x the time at the quickstart's sizes, 0.93x at the ~10M model's and 0.95-0.99x at the README
-run's (in-process A/B on a 2-core Xeon; figures: the README's CPU section). XLA sizes its compute pool
-from the cores the process may use.
+the second one at these sizes, while oneDNN's (experimental in XLA, x86 only) do, and the whole step
+was faster with them at every model size we compared (figures: the README's CPU section). XLA sizes
+its compute pool from the cores the process may use.
 
 `choose_dot_library()` appends the flags to XLA_FLAGS on a CPU-only host: Eigen's dots
 (`--xla_cpu_experimental_ynn_fusion_type=-individual_dot`, YNNPACK's fused reductions stay) for one
