@@ -4,11 +4,12 @@
 
 Every dense layer of the model and its two gradients, and attention's batched matmuls, at the sizes of
 a `benchmarks/vs_pytorch.py` shape: each compiled three ways, YNNPACK (XLA's default), XLA's own
-Eigen contraction (`cpu_dots`' one-core choice) and oneDNN (experimental in XLA), timed alternately
-call by call in this process, then PyTorch's `torch.matmul` (if installed) on the same operands
-afterwards, never interleaved with JAX (PyTorch's OpenMP workers keep spinning after each call and
-would slow XLA's threads down). Run it once pinned to one core and once to two: where a library's
-GFLOP/s does not grow with the second core, a step spends that core's time waiting or repeating work.
+Eigen contraction (`cpu_dots`' one-core choice) and oneDNN (experimental in XLA; `cpu_dots`' choice
+on more cores), timed alternately call by call in this process, then PyTorch's `torch.matmul` (if
+installed) on the same operands afterwards, never interleaved with JAX (PyTorch's OpenMP workers keep
+spinning after each call and would slow XLA's threads down). Run it once pinned to one core and once
+to two: where a library's GFLOP/s does not grow with the second core, a step spends that core's time
+waiting or repeating work.
 """
 
 from __future__ import annotations
